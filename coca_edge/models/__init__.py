@@ -1,0 +1,24 @@
+"""CoCa models: configuration presets, the PyTorch module and open_clip interop."""
+from .coca import CoCa, ContextLengthError, DecodeCache
+from .config import (
+    CoCaConfig,
+    ConfigError,
+    DecoderConfig,
+    TextConfig,
+    VisionConfig,
+    get_preset,
+    list_presets,
+)
+
+__all__ = [
+    "CoCa",
+    "CoCaConfig",
+    "ConfigError",
+    "ContextLengthError",
+    "DecodeCache",
+    "DecoderConfig",
+    "TextConfig",
+    "VisionConfig",
+    "get_preset",
+    "list_presets",
+]

@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from coca_edge.cli import main
+
+
+def test_models_table(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith("coca_ViT-B-32"))
+    assert "89.16M" in line and "63.43M" in line and "100.97M" in line and "253.56M" in line
+    for name in ("coca_ViT-L-14", "coca_ViT-S-32", "coca_ViT-Ti-32", "coca_ViT-Mi-32", "test-tiny"):
+        assert name in out
+
+
+def test_models_json(capsys):
+    assert main(["models", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["coca_ViT-L-14"]["total"] == 638_450_177
+
+
+def test_console_script_help():
+    result = subprocess.run([sys.executable, "-m", "coca_edge.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert "models" in result.stdout
