@@ -9,7 +9,7 @@ import torch
 
 from .coca import CoCa
 
-__all__ = ["greedy_generate"]
+__all__ = ["greedy_generate", "beam_search"]
 
 
 @torch.no_grad()
@@ -50,3 +50,60 @@ def greedy_generate(model: CoCa, pixels: torch.Tensor, max_new_tokens: int = 20,
         if bool(done.all()):
             break
     return out
+
+
+@torch.no_grad()
+def beam_search(model: CoCa, pixels: torch.Tensor, num_beams: int = 3, max_new_tokens: int = 20,
+                min_new_tokens: int = 0, length_penalty: float = 1.0) -> list[list[int]]:
+    """Reference beam search: full recompute of the prefix every step, one image at a time.
+
+    Same search rule as the runtime's (score = summed log-probability / tokens ** length_penalty;
+    the 2 * num_beams best continuations ranked with ties to the smaller index; an end token
+    ranked within the first num_beams closes a hypothesis; done at num_beams closed ones).
+    Returns per image the generated ids without the start token.
+    """
+    cfg = model.config
+    _, image_tokens = model.encode_image(pixels)
+    results = []
+    for b in range(pixels.shape[0]):
+        cross = model.cross_kv(image_tokens[b: b + 1].expand(num_beams, -1, -1))
+        beams = [[cfg.sot_token_id] for _ in range(num_beams)]
+        scores = torch.full((num_beams,), -1e9, dtype=torch.float64)
+        scores[0] = 0.0
+        hyps: list[tuple[float, list[int]]] = []
+        finished = False
+        for step in range(max_new_tokens):
+            _, states = model.encode_text(torch.tensor(beams))
+            logp = torch.log_softmax(model.decoder(states, cross)[:, -1].double(), dim=-1)
+            if step < min_new_tokens:
+                logp[:, cfg.eot_token_id] = float("-inf")
+            vocab = logp.shape[-1]
+            flat = (scores[:, None] + logp).reshape(-1)
+            order = sorted(range(flat.numel()), key=lambda i: (-flat[i].item(), i))[: 2 * num_beams] \
+                if flat.numel() < 4096 else _topk_stable(flat, 2 * num_beams)
+            new_beams, new_scores = [], []
+            for rank, i in enumerate(order):
+                beam, token, score = i // vocab, i % vocab, flat[i].item()
+                if token == cfg.eot_token_id:
+                    if rank < num_beams:
+                        hyps.append((score / (step + 1) ** length_penalty, beams[beam][1:] + [token]))
+                    continue
+                new_beams.append(beams[beam] + [token])
+                new_scores.append(score)
+                if len(new_beams) == num_beams:
+                    break
+            beams, scores = new_beams, torch.tensor(new_scores, dtype=torch.float64)
+            if len(hyps) >= num_beams:
+                finished = True
+                break
+        if not finished:
+            hyps += [(scores[k].item() / max_new_tokens ** length_penalty, beams[k][1:]) for k in range(num_beams)]
+        results.append(max(hyps, key=lambda h: h[0])[1])
+    return results
+
+
+def _topk_stable(flat: torch.Tensor, k: int) -> list[int]:
+    # candidates: anything >= the k-th largest value, then exact (value desc, index asc) order
+    kth = torch.topk(flat, k).values[-1]
+    idx = torch.nonzero(flat >= kth).flatten().tolist()
+    return sorted(idx, key=lambda i: (-flat[i].item(), i))[:k]

@@ -1,0 +1,194 @@
+"""``EdgeCoCa``: classify, retrieve and caption with a bundle through ONNX Runtime (no torch)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from ..data.preprocess import ImageLoadError, PreprocessConfig, load_image, preprocess
+from ..tokenizer import Tokenizer
+from .bundle import Bundle
+from .generation import DecoderLayout, GenerationConfig, GenerationOutput, generate
+from .runners import OrtRunner, Runner
+
+__all__ = ["EdgeCoCa", "Classification", "InputError", "DEFAULT_TEMPLATES"]
+
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+class InputError(ValueError):
+    """Images or texts handed to EdgeCoCa are not usable (names the item and what was expected)."""
+
+
+@dataclass
+class Classification:
+    label: str
+    index: int
+    probs: np.ndarray  # [num_labels], softmax over labels
+    labels: Sequence[str]
+
+    def top(self, k: int = 5) -> list[tuple[str, float]]:
+        order = np.argsort(-self.probs, kind="stable")[:k]
+        return [(self.labels[i], float(self.probs[i])) for i in order]
+
+
+class EdgeCoCa:
+    """A CoCa bundle loaded into ONNX Runtime sessions."""
+
+    def __init__(self, bundle: Bundle, runners: dict[str, Runner], tokenizer: Tokenizer):
+        self.bundle = bundle
+        self.runners = runners
+        self.tokenizer = tokenizer
+        model = bundle.config["model"]
+        self.model_config = model
+        self.preprocess_config = PreprocessConfig.from_dict(bundle.config["preprocess"])
+        self.logit_scale = float(bundle.config["logit_scale"])
+        self.layout = DecoderLayout.from_model_config(model)
+        self.image_size = int(model["vision"]["image_size"])
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, providers: Sequence[str] | None = None, threads: int | None = None,
+             verify_hashes: bool = True) -> "EdgeCoCa":
+        """Verify a bundle directory and open one session per graph.
+
+        ``providers`` defaults to TensorRT, CUDA, CPU - those this onnxruntime build has.
+        """
+        bundle = Bundle.load(path, verify_hashes=verify_hashes)
+        fp16 = any(bundle.precision(g) == "fp16" for g in bundle.manifest["graphs"])
+        # ORT >= 1.23 crashes creating CPU sessions for FP16 graphs at ORT_ENABLE_ALL (FACTS.md).
+        level = "extended" if fp16 else "all"
+        runners: dict[str, Runner] = {
+            name: OrtRunner(bundle.graph_path(name), providers=providers, threads=threads, optimization=level,
+                            expected_io=bundle.graph_io(name), name=name)
+            for name in bundle.manifest["graphs"]
+        }
+        return cls(bundle, runners, Tokenizer.load(bundle.root))
+
+    # -- inputs --------------------------------------------------------------------------
+    def _pixels(self, images: Any) -> np.ndarray:
+        """Paths, PIL images, uint8 HWC arrays, or preprocessed float32 ``[B, 3, S, S]`` -> float32 batch."""
+        s = self.image_size
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            if images.dtype != np.float32:
+                raise InputError(f"a 4-D image array must be preprocessed float32 [B, 3, {s}, {s}], "
+                                 f"got dtype {images.dtype}")
+            if images.shape[1:] != (3, s, s):
+                raise InputError(f"preprocessed images must have shape [B, 3, {s}, {s}], got {list(images.shape)}")
+            if images.shape[0] == 0:
+                raise InputError("empty batch: no images given")
+            return np.ascontiguousarray(images)
+        items = [images] if isinstance(images, (str, os.PathLike, np.ndarray)) or hasattr(images, "convert") \
+            else list(images)
+        if not items:
+            raise InputError("empty batch: no images given")
+        out = np.empty((len(items), 3, s, s), dtype=np.float32)
+        for i, item in enumerate(items):
+            out[i] = self._one_image(item, i)
+        return out
+
+    def _one_image(self, item: Any, index: int) -> np.ndarray:
+        s = self.image_size
+        if isinstance(item, (str, os.PathLike)):
+            try:
+                item = load_image(item)
+            except ImageLoadError as err:
+                raise InputError(f"image {index}: {err}") from None
+        elif isinstance(item, np.ndarray):
+            if item.ndim == 3 and item.shape == (3, s, s) and item.dtype == np.float32:
+                return item
+            if item.dtype != np.uint8:
+                raise InputError(f"image {index}: arrays must be uint8 [H, W, 3] (raw) or float32 [3, {s}, {s}] "
+                                 f"(preprocessed), got dtype {item.dtype} shape {list(item.shape)}")
+            if item.ndim != 3 or item.shape[2] != 3:
+                raise InputError(f"image {index}: uint8 arrays must be [H, W, 3] RGB, got shape {list(item.shape)} "
+                                 "(convert grayscale/RGBA to RGB first)")
+        elif not hasattr(item, "convert"):
+            raise InputError(f"image {index}: expected a path, PIL image or numpy array, got {type(item).__name__}")
+        return preprocess(item, self.preprocess_config)
+
+    def _ids(self, texts: str | Sequence[str], truncate: bool) -> np.ndarray:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise InputError("empty batch: no texts given")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise InputError(f"text {i}: expected str, got {type(text).__name__}")
+        ctx = self.layout.context_length
+        if not truncate:
+            for i, text in enumerate(texts):
+                n = len(self.tokenizer.encode(text)) + 2
+                if n > ctx:
+                    raise InputError(f"text {i} has {n} tokens (with start/end), the model's context length is "
+                                     f"{ctx}; shorten it or pass truncate=True")
+        return self.tokenizer(texts, context_length=ctx)
+
+    # -- embeddings ----------------------------------------------------------------------
+    def _image_outputs(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        return self.runners["image_encoder"].run({"pixel_values": pixels})
+
+    def encode_image(self, images: Any, batch_size: int = 32) -> np.ndarray:
+        """L2-normalised image embeddings ``[B, E]``."""
+        pixels = self._pixels(images)
+        return np.concatenate([self._image_outputs(pixels[i:i + batch_size])["image_embed"]
+                               for i in range(0, len(pixels), batch_size)])
+
+    def encode_text(self, texts: str | Sequence[str], batch_size: int = 64, truncate: bool = False) -> np.ndarray:
+        """L2-normalised text embeddings ``[B, E]``."""
+        ids = self._ids(texts, truncate)
+        runner = self.runners["text_encoder"]
+        return np.concatenate([runner.run({"input_ids": ids[i:i + batch_size]})["text_embed"]
+                               for i in range(0, len(ids), batch_size)])
+
+    def class_embeddings(self, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> np.ndarray:
+        """Zero-shot classifier weights: per label the normalised mean of its prompt embeddings."""
+        if not labels:
+            raise InputError("no labels given")
+        for t in templates:
+            if "{}" not in t:
+                raise InputError(f"template {t!r} has no '{{}}' placeholder for the label")
+        prompts = [t.format(label) for label in labels for t in templates]
+        emb = self.encode_text(prompts, truncate=True).reshape(len(labels), len(templates), -1).mean(axis=1)
+        return emb / np.linalg.norm(emb, axis=-1, keepdims=True)
+
+    def classify(self, images: Any, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
+                 batch_size: int = 32) -> list[Classification]:
+        weights = self.class_embeddings(labels, templates)
+        logits = self.logit_scale * self.encode_image(images, batch_size) @ weights.T
+        probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        return [Classification(labels[int(p.argmax())], int(p.argmax()), p, list(labels)) for p in probs]
+
+    def retrieve(self, images: Any, texts: Sequence[str], k: int = 5) -> dict[str, np.ndarray]:
+        """Cosine similarities and top-k indices both ways: ``image_to_text`` ``[I, k]``, ``text_to_image`` ``[T, k]``."""
+        sim = self.encode_image(images) @ self.encode_text(texts, truncate=True).T
+        kt, ki = min(k, sim.shape[1]), min(k, sim.shape[0])
+        return {"similarity": sim,
+                "image_to_text": np.argsort(-sim, axis=1, kind="stable")[:, :kt],
+                "text_to_image": np.argsort(-sim.T, axis=1, kind="stable")[:, :ki]}
+
+    # -- captioning ----------------------------------------------------------------------
+    def cross_kv(self, pixels: np.ndarray) -> np.ndarray:
+        out = self._image_outputs(pixels)
+        if self.bundle.fused_cross_kv:
+            return out["cross_kv"]
+        return self.runners["cross_kv"].run({"image_tokens": out["image_tokens"]})["cross_kv"]
+
+    def caption_ids(self, images: Any, batch_size: int = 8, **generation: Any) -> GenerationOutput:
+        config = GenerationConfig(**generation)
+        pixels = self._pixels(images)
+        result = GenerationOutput([], [])
+        for i in range(0, len(pixels), batch_size):
+            out = generate(self.runners["decoder"], self.cross_kv(pixels[i:i + batch_size]), self.layout, config)
+            result.sequences += out.sequences
+            result.scores += out.scores
+        return result
+
+    def caption(self, images: Any, strategy: str = "greedy", max_new_tokens: int = 20, batch_size: int = 8,
+                **generation: Any) -> list[str]:
+        """Captions, one per image. Strategies: greedy, beam (num_beams), top_k, top_p (temperature, seed)."""
+        out = self.caption_ids(images, batch_size=batch_size, strategy=strategy, max_new_tokens=max_new_tokens,
+                               **generation)
+        return [self.tokenizer.decode(seq) for seq in out.sequences]

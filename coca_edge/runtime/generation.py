@@ -1,0 +1,238 @@
+"""Caption generation over the KV-cached decoder graph, in numpy (torch-free).
+
+Written once against a :class:`~coca_edge.runtime.runners.Runner` for the ``decoder``
+graph, so ONNX Runtime, TensorRT and the PyTorch reference all decode through this loop.
+
+Cache handling: the decoder graph returns ``present = concat(past, new)`` and the loop
+feeds it back as the next ``past`` unchanged. ONNX Runtime's CPU provider reads numpy
+inputs in place and allocates outputs once per run, so no extra host copy of the cache is
+made per step; rows that finish (greedy/sampling) are dropped from the batch, and beam
+search gathers the cache rows of the surviving beams (one copy, only of what survives).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from .runners import Runner
+
+__all__ = ["GenerationConfig", "DecoderLayout", "GenerationOutput", "generate", "STRATEGIES"]
+
+STRATEGIES = ("greedy", "beam", "top_k", "top_p")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    strategy: str = "greedy"
+    max_new_tokens: int = 20
+    min_new_tokens: int = 0
+    num_beams: int = 3
+    length_penalty: float = 1.0
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 0.9
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], "
+                             f"got {self.min_new_tokens}")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class DecoderLayout:
+    """What the loop needs to know about the decoder graph (from a bundle's config.json)."""
+
+    text_layers: int
+    text_heads: int
+    text_head_dim: int
+    decoder_layers: int
+    decoder_heads: int
+    decoder_head_dim: int
+    sot_token_id: int
+    eot_token_id: int
+    pad_token_id: int
+    context_length: int
+    vocab_size: int
+
+    @classmethod
+    def from_model_config(cls, model: Mapping[str, Any]) -> "DecoderLayout":
+        t, d = model["text"], model["decoder"]
+        return cls(t["layers"], t["heads"], t["width"] // t["heads"], d["layers"], d["heads"],
+                   d["width"] // d["heads"], model["sot_token_id"], model["eot_token_id"], model["pad_token_id"],
+                   t["context_length"], t["vocab_size"])
+
+    def empty_past(self, batch: int, dtype: np.dtype = np.float32) -> tuple[np.ndarray, np.ndarray]:
+        return (np.zeros((self.text_layers, 2, batch, self.text_heads, 0, self.text_head_dim), dtype),
+                np.zeros((self.decoder_layers, 2, batch, self.decoder_heads, 0, self.decoder_head_dim), dtype))
+
+
+@dataclass
+class GenerationOutput:
+    """Per image: generated ids (no start token; the end token included when it was produced)."""
+
+    sequences: list[list[int]]
+    scores: list[float] = field(default_factory=list)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def _step(decoder: Runner, ids: np.ndarray, past: tuple[np.ndarray, np.ndarray], cross: np.ndarray):
+    out = decoder.run({"input_ids": ids, "past_text": past[0], "past_decoder": past[1], "cross_kv": cross})
+    return out["logits"][:, -1, :], (out["present_text"], out["present_decoder"])
+
+
+def generate(decoder: Runner, cross_kv: np.ndarray, layout: DecoderLayout,
+             config: GenerationConfig = GenerationConfig()) -> GenerationOutput:
+    """Generate captions for the images whose cross-attention K/V is ``cross_kv`` ``[L, 2, B, H, N, D]``."""
+    if 1 + config.max_new_tokens > layout.context_length:
+        raise ValueError(f"max_new_tokens={config.max_new_tokens} plus the start token exceeds the model's "
+                         f"context length {layout.context_length}")
+    if cross_kv.ndim != 6 or cross_kv.shape[2] == 0:
+        raise ValueError(f"cross_kv must be [layers, 2, batch>0, heads, tokens, head_dim], got {cross_kv.shape}")
+    if config.strategy == "beam" and config.num_beams > 1:
+        return _beam_search(decoder, cross_kv, layout, config)
+    return _sample(decoder, cross_kv, layout, config)
+
+
+def _pick(logits: np.ndarray, config: GenerationConfig, rng: np.random.Generator) -> np.ndarray:
+    if config.strategy in ("greedy", "beam"):
+        return logits.argmax(axis=-1)
+    scaled = logits.astype(np.float64) / config.temperature
+    if config.strategy == "top_k":
+        k = min(config.top_k, scaled.shape[-1])
+        kth = np.partition(scaled, -k, axis=-1)[:, -k][:, None]
+        scaled = np.where(scaled < kth, -np.inf, scaled)
+    else:
+        order = np.argsort(-scaled, axis=-1, kind="stable")
+        sorted_logits = np.take_along_axis(scaled, order, axis=-1)
+        probs = np.exp(sorted_logits - sorted_logits[:, :1])
+        probs /= probs.sum(axis=-1, keepdims=True)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        remove = np.cumsum(probs, axis=-1) - probs >= config.top_p
+        sorted_logits[remove] = -np.inf
+        scaled = np.full_like(scaled, -np.inf)
+        np.put_along_axis(scaled, order, sorted_logits, axis=-1)
+    probs = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    return np.array([rng.choice(probs.shape[-1], p=p) for p in probs])
+
+
+def _sample(decoder: Runner, cross: np.ndarray, layout: DecoderLayout, config: GenerationConfig) -> GenerationOutput:
+    batch = cross.shape[2]
+    rng = np.random.default_rng(config.seed)
+    active = np.arange(batch)
+    past = layout.empty_past(batch, cross.dtype)
+    ids = np.full((batch, 1), layout.sot_token_id, dtype=np.int64)
+    sequences: list[list[int]] = [[] for _ in range(batch)]
+    for step in range(config.max_new_tokens):
+        logits, present = _step(decoder, ids, past, cross)
+        if step < config.min_new_tokens:
+            logits = logits.copy()
+            logits[:, layout.eot_token_id] = -np.inf
+        tokens = _pick(logits, config, rng)
+        for row, token in zip(active, tokens):
+            sequences[row].append(int(token))
+        keep = tokens != layout.eot_token_id
+        if not keep.any() or step + 1 == config.max_new_tokens:
+            break
+        if not keep.all():
+            present = (present[0][:, :, keep], present[1][:, :, keep])
+            cross, active, tokens = cross[:, :, keep], active[keep], tokens[keep]
+        past = present
+        ids = tokens.astype(np.int64)[:, None]
+    return GenerationOutput(sequences)
+
+
+def _beam_search(decoder: Runner, cross: np.ndarray, layout: DecoderLayout,
+                 config: GenerationConfig) -> GenerationOutput:
+    """Beam search; a hypothesis' score is its summed log-probability / (tokens ** length_penalty).
+
+    Per step the 2 * num_beams best continuations are ranked (ties by token index); an end
+    token ranked within the first num_beams closes a hypothesis, the best num_beams others
+    continue. An image is done once it holds num_beams closed hypotheses.
+    """
+    nb = config.num_beams
+    batch = cross.shape[2]
+    cross = np.repeat(cross, nb, axis=2)
+    past = layout.empty_past(batch * nb, cross.dtype)
+    scores = np.full((batch, nb), -1e9)
+    scores[:, 0] = 0.0  # only one live beam at the start, so beams do not duplicate
+    seqs: list[list[int]] = [[] for _ in range(batch * nb)]
+    hyps: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
+    done = np.zeros(batch, dtype=bool)
+    ids = np.full((batch * nb, 1), layout.sot_token_id, dtype=np.int64)
+    for step in range(config.max_new_tokens):
+        logits, present = _step(decoder, ids, past, cross)
+        logp = _log_softmax(logits)
+        if step < config.min_new_tokens:
+            logp[:, layout.eot_token_id] = -np.inf
+        vocab = logp.shape[-1]
+        cand = (scores.reshape(-1, 1) + logp).reshape(batch, nb * vocab)
+        select = np.zeros(batch * nb, dtype=np.int64)
+        next_tokens = np.full(batch * nb, layout.pad_token_id, dtype=np.int64)
+        next_scores = scores.copy()
+        for b in range(batch):
+            if done[b]:
+                select[b * nb:(b + 1) * nb] = np.arange(b * nb, (b + 1) * nb)
+                continue
+            top = _top_candidates(cand[b], 2 * nb)
+            kept = 0
+            for rank, flat in enumerate(top):
+                beam, token, score = int(flat // vocab), int(flat % vocab), float(cand[b, flat])
+                if token == layout.eot_token_id:
+                    if rank < nb:
+                        hyps[b].append((score / (step + 1) ** config.length_penalty, seqs[b * nb + beam] + [token]))
+                    continue
+                select[b * nb + kept] = b * nb + beam
+                next_tokens[b * nb + kept] = token
+                next_scores[b, kept] = score
+                kept += 1
+                if kept == nb:
+                    break
+            if len(hyps[b]) >= nb:
+                done[b] = True
+        if done.all() or step + 1 == config.max_new_tokens:
+            if step + 1 == config.max_new_tokens:
+                seqs = [seqs[s] + [int(t)] for s, t in zip(select, next_tokens)]
+                scores = next_scores
+            break
+        seqs = [seqs[s] + [int(t)] for s, t in zip(select, next_tokens)]
+        scores = next_scores
+        past = (present[0][:, :, select], present[1][:, :, select])
+        ids = next_tokens[:, None]
+    out, best_scores = [], []
+    length = config.max_new_tokens
+    for b in range(batch):
+        if not done[b]:
+            for k in range(nb):
+                hyps[b].append((scores[b, k] / length ** config.length_penalty, seqs[b * nb + k]))
+        score, tokens = max(hyps[b], key=lambda h: h[0])
+        out.append(tokens)
+        best_scores.append(float(score))
+    return GenerationOutput(out, best_scores)
+
+
+def _top_candidates(row: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest values, best first, ties broken by smaller index."""
+    k = min(k, row.size)
+    part = np.argpartition(-row, k - 1)[:k]
+    return part[np.lexsort((part, -row[part]))]

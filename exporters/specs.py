@@ -1,0 +1,173 @@
+"""One declarative spec per exported graph.
+
+A spec names the graph's inputs and outputs with symbolic axes, builds the module that
+``torch.onnx.export`` traces, makes dummy inputs for any (batch, sequence, past) and carries
+a tolerance per output. Export, validation, the bundle manifest and calibration all read
+these specs, so graph IO names are defined here and nowhere else.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from coca_edge.models import CoCa, CoCaConfig
+
+__all__ = ["TensorSpec", "GraphSpec", "GRAPH_NAMES", "graph_specs", "get_spec"]
+
+GRAPH_NAMES = ("image_encoder", "text_encoder", "cross_kv", "decoder")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Graph input/output: name, dtype and shape (ints are fixed, strings are symbolic axes)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    build: Callable[[CoCa], nn.Module]
+    # max-abs tolerance per output for ORT FP32 vs PyTorch FP32 (see _TOLERANCE for the source)
+    tolerance: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dims(self, config: CoCaConfig, batch: int, seq: int = 1, past: int = 0) -> dict[str, int]:
+        return {"batch": batch, "seq": seq, "past": past, "total": past + seq,
+                "text_len": seq}
+
+    def dummy_inputs(self, config: CoCaConfig, batch: int = 2, seq: int = 3, past: int = 2,
+                     seed: int = 0) -> dict[str, torch.Tensor]:
+        """Random inputs with the requested symbolic sizes (token ids in the vocabulary)."""
+        g = torch.Generator().manual_seed(seed)
+        sizes = self.dims(config, batch, seq, past)
+        feed = {}
+        for spec in self.inputs:
+            shape = [sizes[d] if isinstance(d, str) else d for d in spec.shape]
+            if spec.dtype == "int64":
+                ids = torch.randint(1, config.sot_token_id, shape, generator=g)
+                if spec.name == "input_ids" and self.name == "text_encoder":
+                    ids[:, 0] = config.sot_token_id
+                    ids[:, -1] = config.eot_token_id
+                feed[spec.name] = ids
+            else:
+                feed[spec.name] = torch.randn(shape, generator=g)
+        return feed
+
+
+class _ImageEncoder(nn.Module):
+    def __init__(self, model: CoCa, fuse_cross_kv: bool):
+        super().__init__()
+        self.model = model
+        self.fuse_cross_kv = fuse_cross_kv
+
+    def forward(self, pixel_values: torch.Tensor):
+        embed, tokens = self.model.encode_image(pixel_values)
+        if self.fuse_cross_kv:
+            return embed, tokens, self.model.cross_kv(tokens)
+        return embed, tokens
+
+
+class _TextEncoder(nn.Module):
+    def __init__(self, model: CoCa):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor):
+        return self.model.encode_text(input_ids)[0]
+
+
+class _CrossKV(nn.Module):
+    def __init__(self, model: CoCa):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image_tokens: torch.Tensor):
+        return self.model.cross_kv(image_tokens)
+
+
+class _Decoder(nn.Module):
+    def __init__(self, model: CoCa):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, past_text, past_decoder, cross_kv):
+        return self.model.decode_tensors(input_ids, past_text, past_decoder, cross_kv)
+
+
+# Tolerances: ORT FP32 vs PyTorch FP32 differ by kernel summation order. Observed max-abs on
+# coca_ViT-B-32 with random weights: embeddings ~1e-6, image tokens ~5e-6, logits and K/V
+# ~8e-6 (see tests/parity/test_export_parity.py); the margins below are ~5x that.
+_TOLERANCE = {"embed": 5e-5, "states": 1e-4, "logits": 1e-4}
+
+
+def graph_specs(config: CoCaConfig, fuse_cross_kv: bool = False) -> dict[str, GraphSpec]:
+    tc, dc, vc = config.text, config.decoder, config.vision
+    n = vc.num_image_tokens
+    cross = TensorSpec("cross_kv", "float32", (dc.layers, 2, "batch", dc.heads, n, dc.head_dim))
+    image_outputs = [TensorSpec("image_embed", "float32", ("batch", config.embed_dim)),
+                     TensorSpec("image_tokens", "float32", ("batch", n, config.embed_dim))]
+    if fuse_cross_kv:
+        image_outputs.append(cross)
+    specs = [
+        GraphSpec(
+            "image_encoder",
+            (TensorSpec("pixel_values", "float32", ("batch", 3, vc.image_size, vc.image_size)),),
+            tuple(image_outputs),
+            lambda m: _ImageEncoder(m, fuse_cross_kv),
+            {"image_embed": _TOLERANCE["embed"], "image_tokens": _TOLERANCE["states"],
+             "cross_kv": _TOLERANCE["states"]},
+        ),
+        GraphSpec(
+            "text_encoder",
+            (TensorSpec("input_ids", "int64", ("batch", "text_len")),),
+            (TensorSpec("text_embed", "float32", ("batch", config.embed_dim)),),
+            _TextEncoder,
+            {"text_embed": _TOLERANCE["embed"]},
+        ),
+        GraphSpec(
+            "cross_kv",
+            (TensorSpec("image_tokens", "float32", ("batch", n, config.embed_dim)),),
+            (cross,),
+            _CrossKV,
+            {"cross_kv": _TOLERANCE["states"]},
+        ),
+        GraphSpec(
+            "decoder",
+            (TensorSpec("input_ids", "int64", ("batch", "seq")),
+             TensorSpec("past_text", "float32", (tc.layers, 2, "batch", tc.heads, "past", tc.head_dim)),
+             TensorSpec("past_decoder", "float32", (dc.layers, 2, "batch", dc.heads, "past", dc.head_dim)),
+             cross),
+            (TensorSpec("logits", "float32", ("batch", "seq", config.vocab_size)),
+             TensorSpec("present_text", "float32", (tc.layers, 2, "batch", tc.heads, "total", tc.head_dim)),
+             TensorSpec("present_decoder", "float32", (dc.layers, 2, "batch", dc.heads, "total", dc.head_dim))),
+            _Decoder,
+            {"logits": _TOLERANCE["logits"], "present_text": _TOLERANCE["states"],
+             "present_decoder": _TOLERANCE["states"]},
+        ),
+    ]
+    return {s.name: s for s in specs}
+
+
+def get_spec(config: CoCaConfig, name: str, fuse_cross_kv: bool = False) -> GraphSpec:
+    specs = graph_specs(config, fuse_cross_kv)
+    if name not in specs:
+        raise ValueError(f"unknown graph {name!r}; graphs are {', '.join(GRAPH_NAMES)}")
+    return specs[name]
