@@ -28,6 +28,7 @@ def _median_time(fn, repeats: int = 1) -> float:
 
 
 def _copy_bandwidth(nbytes: int = 512 * 1024**2, runs: int = 5) -> float:
+    """Memory traffic of a large copy (bytes read + bytes written) per second."""
     src = np.ones(nbytes // 4, np.float32)
     dst = np.empty_like(src)
     times = []
@@ -35,7 +36,7 @@ def _copy_bandwidth(nbytes: int = 512 * 1024**2, runs: int = 5) -> float:
         t = time.perf_counter()
         np.copyto(dst, src)
         times.append(time.perf_counter() - t)
-    return nbytes / statistics.median(times)
+    return 2 * nbytes / statistics.median(times)
 
 
 def _weight_bytes_per_step(decoder_path: Path) -> tuple[int, int]:
@@ -55,7 +56,8 @@ def _weight_bytes_per_step(decoder_path: Path) -> tuple[int, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="coca_ViT-B-32")
-    ap.add_argument("--bundle", help="existing bundle exported from the same preset and --seed")
+    ap.add_argument("--bundle", help="bundle directory: reused if it exists (it must come from the same preset "
+                                     "and --seed), else exported there")
     ap.add_argument("--tokens", type=int, default=30)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--runs", type=int, default=5, help="interleaved runs per implementation and batch")
@@ -71,6 +73,7 @@ def main() -> None:
     from coca_edge.models.generate import greedy_generate
     from coca_edge.models.openclip import config_to_open_clip, to_open_clip
     from coca_edge.runtime import EdgeCoCa
+    from coca_edge.runtime.generation import decoder_feed
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -85,7 +88,9 @@ def main() -> None:
     bundle = args.bundle
     if bundle is None:
         tmp = tempfile.TemporaryDirectory()
-        bundle = export_bundle(model, Path(tmp.name) / "bundle", source_model={"preset": args.preset})
+        bundle = Path(tmp.name) / "bundle"
+    if not Path(bundle).exists():
+        export_bundle(model, bundle, source_model={"preset": args.preset, "weights": f"random(seed={args.seed})"})
     runtime = EdgeCoCa.load(bundle, threads=args.threads, verify_hashes=False)
 
     n = args.tokens
@@ -116,6 +121,7 @@ def main() -> None:
             for _ in range(args.runs):
                 for name, fn in impls.items():
                     times[name].append(_median_time(fn))
+                    print(f"  batch {batch} {name}: {times[name][-1]:.2f} s", flush=True)
         med = {k: statistics.median(v) for k, v in times.items()}
         results[batch] = {"median_s": med, "tokens_per_s": {k: batch * n / v for k, v in med.items()},
                           "all_s": times, "tokens_agree": agree}
@@ -125,10 +131,8 @@ def main() -> None:
     decoder = runtime.runners["decoder"]
     cross = runtime.cross_kv(np.zeros((1, 3, size, size), np.float32))
     past = layout.empty_past(1)
-    out = decoder.run({"input_ids": np.full((1, 15), 320, np.int64), "past_text": past[0],
-                       "past_decoder": past[1], "cross_kv": cross})
-    feed = {"input_ids": np.full((1, 1), 320, np.int64), "past_text": out["present_text"],
-            "past_decoder": out["present_decoder"], "cross_kv": cross}
+    out = decoder.run(decoder_feed(np.full((1, 15), 320, np.int64), past, cross))
+    feed = decoder_feed(np.full((1, 1), 320, np.int64), (out["present_text"], out["present_decoder"]), cross)
     for _ in range(3):
         decoder.run(feed)
     step = statistics.median(_median_time(lambda: decoder.run(feed)) for _ in range(30))

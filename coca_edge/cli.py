@@ -16,7 +16,7 @@ __all__ = ["main", "build_parser"]
 
 # Modules that add subcommands through ``register(subparsers)``; missing optional
 # dependencies only disable their own commands.
-_STAGE_MODULES = ("coca_edge.data.cli", "coca_edge.exporters.cli", "coca_edge.runtime.cli")
+_STAGE_MODULES = ("coca_edge.data.cli", "coca_edge.train_cli", "coca_edge.exporters.cli", "coca_edge.runtime.cli")
 
 
 def _cmd_models(args: argparse.Namespace) -> int:

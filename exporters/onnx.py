@@ -10,6 +10,7 @@ decode step here; the choice and the measurements behind it are in docs/export.m
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import shutil
 import tempfile
@@ -23,7 +24,7 @@ import torch
 
 from coca_edge.models import CoCa
 
-from .specs import GRAPH_NAMES, GraphSpec, graph_specs
+from .specs import GRAPH_NAMES, GraphSpec, graph_specs, split_cross
 
 __all__ = ["ExportError", "GraphMismatchError", "export_onnx", "validate_graph", "VALIDATION_CASES",
            "DEFAULT_OPSET", "compare_outputs"]
@@ -107,6 +108,11 @@ def _export_one(module: torch.nn.Module, spec: GraphSpec, inputs: dict[str, torc
                 if isinstance(d, str):
                     entry[i] = dims.setdefault(d, torch.export.Dim(d, max=4096))
             dynamic_shapes.append(entry)
+        # torch.export matches dynamic_shapes to the signature: a *args tail is one nested entry
+        params = inspect.signature(module.forward).parameters.values()
+        fixed = sum(p.kind == p.POSITIONAL_OR_KEYWORD for p in params)
+        if any(p.kind == p.VAR_POSITIONAL for p in params):
+            dynamic_shapes = dynamic_shapes[:fixed] + [tuple(dynamic_shapes[fixed:])]
         onnx_program = torch.onnx.export(
             module, args, dynamo=True, opset_version=opset, input_names=spec.input_names,
             output_names=spec.output_names, dynamic_shapes=tuple(dynamic_shapes), verbose=False)
@@ -188,7 +194,8 @@ def validation_inputs(model: CoCa, spec: GraphSpec, batch: int, seq: int, past: 
                 prefix = torch.randint(1, model.config.sot_token_id, (batch, past),
                                        generator=torch.Generator().manual_seed(seed + 1))
                 _, cache = model.decode_step(prefix, cache)
-        feed.update(past_text=cache.text, past_decoder=cache.decoder, cross_kv=cache.cross)
+        feed = {"input_ids": feed["input_ids"], "past_text": cache.text, "past_decoder": cache.decoder,
+                **split_cross(cache.cross, model.config.decoder.layers)}
     elif spec.name == "cross_kv":
         with torch.no_grad():
             size = model.config.vision.image_size

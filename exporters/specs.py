@@ -15,7 +15,8 @@ from torch import nn
 
 from coca_edge.models import CoCa, CoCaConfig
 
-__all__ = ["TensorSpec", "GraphSpec", "GRAPH_NAMES", "graph_specs", "get_spec"]
+__all__ = ["TensorSpec", "GraphSpec", "GRAPH_NAMES", "graph_specs", "get_spec", "cross_input_names",
+           "split_cross"]
 
 GRAPH_NAMES = ("image_encoder", "text_encoder", "cross_kv", "decoder")
 
@@ -104,12 +105,16 @@ class _CrossKV(nn.Module):
 
 
 class _Decoder(nn.Module):
+    """Cross-attention K/V arrive as separate per-layer inputs: slicing one stacked input in
+    the graph would copy all of it (Split) on every step - measured 27% of a batch-8 step."""
+
     def __init__(self, model: CoCa):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, past_text, past_decoder, cross_kv):
-        return self.model.decode_tensors(input_ids, past_text, past_decoder, cross_kv)
+    def forward(self, input_ids, past_text, past_decoder, *cross):
+        pairs = [(cross[2 * i], cross[2 * i + 1]) for i in range(len(cross) // 2)]
+        return self.model.decode_tensors(input_ids, past_text, past_decoder, pairs)
 
 
 # Tolerances: ORT FP32 vs PyTorch FP32 differ by kernel summation order. Observed max-abs on
@@ -122,6 +127,8 @@ def graph_specs(config: CoCaConfig, fuse_cross_kv: bool = False) -> dict[str, Gr
     tc, dc, vc = config.text, config.decoder, config.vision
     n = vc.num_image_tokens
     cross = TensorSpec("cross_kv", "float32", (dc.layers, 2, "batch", dc.heads, n, dc.head_dim))
+    cross_per_layer = tuple(TensorSpec(name, "float32", ("batch", dc.heads, n, dc.head_dim))
+                            for name in cross_input_names(dc.layers))
     image_outputs = [TensorSpec("image_embed", "float32", ("batch", config.embed_dim)),
                      TensorSpec("image_tokens", "float32", ("batch", n, config.embed_dim))]
     if fuse_cross_kv:
@@ -154,7 +161,7 @@ def graph_specs(config: CoCaConfig, fuse_cross_kv: bool = False) -> dict[str, Gr
             (TensorSpec("input_ids", "int64", ("batch", "seq")),
              TensorSpec("past_text", "float32", (tc.layers, 2, "batch", tc.heads, "past", tc.head_dim)),
              TensorSpec("past_decoder", "float32", (dc.layers, 2, "batch", dc.heads, "past", dc.head_dim)),
-             cross),
+             *cross_per_layer),
             (TensorSpec("logits", "float32", ("batch", "seq", config.vocab_size)),
              TensorSpec("present_text", "float32", (tc.layers, 2, "batch", tc.heads, "total", tc.head_dim)),
              TensorSpec("present_decoder", "float32", (dc.layers, 2, "batch", dc.heads, "total", dc.head_dim))),
@@ -164,6 +171,16 @@ def graph_specs(config: CoCaConfig, fuse_cross_kv: bool = False) -> dict[str, Gr
         ),
     ]
     return {s.name: s for s in specs}
+
+
+def cross_input_names(layers: int) -> list[str]:
+    """Decoder inputs holding ``cross_kv[i, 0]`` (K) and ``cross_kv[i, 1]`` (V) of layer i."""
+    return [f"cross_{kv}_{i}" for i in range(layers) for kv in ("k", "v")]
+
+
+def split_cross(cross_kv, layers: int) -> dict:
+    """``[L, 2, B, H, N, D]`` -> the decoder's per-layer inputs (views, no copy; numpy or torch)."""
+    return {f"cross_{kv}_{i}": cross_kv[i, j] for i in range(layers) for j, kv in enumerate(("k", "v"))}
 
 
 def get_spec(config: CoCaConfig, name: str, fuse_cross_kv: bool = False) -> GraphSpec:

@@ -1,5 +1,6 @@
 """CoCa models: configuration presets, the PyTorch module and open_clip interop."""
 from .coca import CoCa, ContextLengthError, DecodeCache
+from .inherit import InheritError, inherit_weights
 from .config import (
     CoCaConfig,
     ConfigError,
@@ -19,6 +20,8 @@ __all__ = [
     "DecoderConfig",
     "TextConfig",
     "VisionConfig",
+    "InheritError",
     "get_preset",
+    "inherit_weights",
     "list_presets",
 ]

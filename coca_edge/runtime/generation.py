@@ -18,7 +18,7 @@ import numpy as np
 
 from .runners import Runner
 
-__all__ = ["GenerationConfig", "DecoderLayout", "GenerationOutput", "generate", "STRATEGIES"]
+__all__ = ["GenerationConfig", "DecoderLayout", "GenerationOutput", "generate", "decoder_feed", "STRATEGIES"]
 
 STRATEGIES = ("greedy", "beam", "top_k", "top_p")
 
@@ -95,8 +95,18 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
+def decoder_feed(ids: np.ndarray, past: tuple[np.ndarray, np.ndarray], cross: np.ndarray) -> dict[str, np.ndarray]:
+    """Decoder graph inputs. ``cross`` ``[L, 2, B, H, N, D]`` goes in as per-layer K and V views
+    (``cross_k_i`` / ``cross_v_i``): contiguous, so no copy of the image K/V is made per step."""
+    feed = {"input_ids": ids, "past_text": past[0], "past_decoder": past[1]}
+    for i in range(cross.shape[0]):
+        feed[f"cross_k_{i}"] = cross[i, 0]
+        feed[f"cross_v_{i}"] = cross[i, 1]
+    return feed
+
+
 def _step(decoder: Runner, ids: np.ndarray, past: tuple[np.ndarray, np.ndarray], cross: np.ndarray):
-    out = decoder.run({"input_ids": ids, "past_text": past[0], "past_decoder": past[1], "cross_kv": cross})
+    out = decoder.run(decoder_feed(ids, past, cross))
     return out["logits"][:, -1, :], (out["present_text"], out["present_decoder"])
 
 

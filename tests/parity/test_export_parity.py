@@ -98,3 +98,16 @@ def test_vit_b32_export_parity(tmp_path):
     _greedy_matches(model, runtime, pixels, tokens=20)
     ref = beam_search(model, torch.from_numpy(pixels[:1]), num_beams=3, max_new_tokens=6)
     assert runtime.caption_ids(pixels[:1], strategy="beam", num_beams=3, max_new_tokens=6).sequences == ref
+
+
+def test_mismatch_raises_typed_error(tiny_bundle):
+    from coca_edge.exporters.onnx import GraphMismatchError
+
+    path, model = tiny_bundle
+    torch.manual_seed(1)
+    other = CoCa(get_preset("test-tiny")).eval()  # different weights than the exported graph
+    spec = graph_specs(model.config)["text_encoder"]
+    with pytest.raises(GraphMismatchError, match=r"graph 'text_encoder' output 'text_embed' \(batch=1, seq=5, "
+                                                 r"past=0\): max-abs error .* exceeds tolerance 5e-05") as info:
+        validate_graph(path / "text_encoder.onnx", spec, other)
+    assert info.value.graph == "text_encoder" and info.value.max_error > info.value.tolerance

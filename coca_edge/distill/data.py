@@ -1,0 +1,156 @@
+"""Training batches: random-access datasets, a step-indexed sampler and text trimming.
+
+The sampler is a pure function of ``(seed, step)``: the global batch of step ``s`` is a
+slice of the concatenated per-epoch permutations, and rank ``r`` of ``w`` takes the
+``r``-th contiguous chunk of it. Resuming needs only the step; a ``w``-process run sees
+exactly the samples of the one-process run with the same global batch, in the same order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..data import PreprocessConfig, SyntheticScenes, normalize, resize_and_crop
+from ..models import CoCaConfig
+from ..tokenizer import Tokenizer
+from .config import DataConfig
+
+__all__ = ["TrainData", "StepSampler", "Batch", "open_train_data", "tokenize", "trim"]
+
+
+@dataclass
+class Batch:
+    ids: list[str]
+    pixels: torch.Tensor  # float32 [B, 3, H, W], normalised
+    text: torch.Tensor  # int64 [B, L], trimmed (see ``trim``)
+
+
+class TrainData:
+    """Random access to ``(uint8 images [N, H, W, 3], captions, sample ids)``."""
+
+    def __init__(self, name: str, length: int, identity: dict, fetch, captions):
+        self.name, self.length, self.identity = name, length, identity
+        self._fetch, self._captions = fetch, captions
+
+    def __len__(self) -> int:
+        return self.length
+
+    def fetch(self, indices: Sequence[int]) -> tuple[np.ndarray, list[str], list[str]]:
+        return self._fetch(indices)
+
+    def captions(self, indices: Sequence[int]) -> list[str]:
+        """Captions only (no image decoding or rendering)."""
+        return self._captions(indices)
+
+
+def open_train_data(cfg: DataConfig, model_config: CoCaConfig) -> TrainData:
+    size = model_config.vision.image_size
+    if cfg.dataset == "synthetic-scenes":
+        ds = SyntheticScenes("train", seed=cfg.seed, length=cfg.train_size, image_size=size)
+
+        def fetch(indices):
+            images, captions, _ = ds.batch([int(i) for i in indices])
+            return images, captions, [f"{ds.name}/train/{int(i)}" for i in indices]
+
+        identity = {"dataset": ds.name, "seed": cfg.seed, "length": len(ds), "scene_config": ds.config.to_dict()}
+        return TrainData(ds.name, len(ds), identity, fetch, lambda idx: [ds.caption(int(i)) for i in idx])
+    return _csv_data(cfg, size)
+
+
+def _csv_data(cfg: DataConfig, size: int) -> TrainData:
+    """User data (open_clip CSV/TSV): decoded once and held in memory at the model's size,
+    which suits fine-tuning sets of up to some 100k small images."""
+    import hashlib
+    import os
+
+    from ..data import CsvReader
+
+    pre = PreprocessConfig(image_size=size)
+    reader = CsvReader(cfg.dataset, img_key=cfg.csv_image_key, caption_key=cfg.csv_caption_key,
+                       transform=lambda img: np.asarray(resize_and_crop(img.convert("RGB"), pre)))
+    images, captions, ids = [], [], []
+    for sample in reader:
+        images.append(sample.image)
+        captions.append(sample.caption)
+        ids.append(sample.id)
+        if len(ids) >= cfg.train_size:
+            break
+    if not ids:
+        raise ValueError(f"{cfg.dataset}: no usable samples ({reader.skipped.summary()})")
+    stack = np.stack(images)
+    digest = hashlib.sha256()
+    digest.update(open(cfg.dataset, "rb").read())
+    identity = {"dataset": os.path.abspath(cfg.dataset), "csv_sha256": digest.hexdigest(), "length": len(ids)}
+
+    def fetch(indices):
+        idx = [int(i) for i in indices]
+        return stack[idx], [captions[i] for i in idx], [ids[i] for i in idx]
+
+    return TrainData(os.path.basename(cfg.dataset), len(ids), identity, fetch,
+                     lambda idx: [captions[int(i)] for i in idx])
+
+
+class StepSampler:
+    def __init__(self, length: int, global_batch: int, seed: int):
+        self.length, self.global_batch, self.seed = length, global_batch, seed
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.length))
+        return self._perm[1]
+
+    def epoch(self, step: int) -> float:
+        return step * self.global_batch / self.length
+
+    def global_indices(self, step: int) -> np.ndarray:
+        positions = np.arange(step * self.global_batch, (step + 1) * self.global_batch)
+        out = np.empty(self.global_batch, dtype=np.int64)
+        for epoch in np.unique(positions // self.length):
+            sel = positions // self.length == epoch
+            out[sel] = self._permutation(int(epoch))[positions[sel] % self.length]
+        return out
+
+    def indices(self, step: int, micro: int, n_micro: int, rank: int, world: int) -> np.ndarray:
+        """Micro-batch ``micro`` of ``n_micro`` of the global batch, chunk ``rank`` of ``world``."""
+        idx = self.global_indices(step)
+        per_micro = self.global_batch // n_micro
+        idx = idx[micro * per_micro:(micro + 1) * per_micro]
+        per_rank = per_micro // world
+        return idx[rank * per_rank:(rank + 1) * per_rank]
+
+
+def tokenize(tokenizer: Tokenizer, captions: Sequence[str], max_len: int, eot_id: int, pad_id: int) -> np.ndarray:
+    """``[N, context]`` ids with captions longer than ``max_len`` cut (end token kept)."""
+    ids = np.asarray(tokenizer(list(captions)))
+    if max_len < ids.shape[1]:
+        long = ids[:, max_len] != pad_id
+        ids = ids.copy()
+        ids[:, max_len:] = pad_id
+        ids[long, max_len - 1] = eot_id
+    return ids
+
+
+def trim(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Drop trailing all-pad columns, keeping one pad column after the longest caption.
+
+    The text tower's CLS query attends to that first pad position under open_clip's
+    legacy mask, so with it (and the CLS at the full context position, see
+    ``text_forward``) the embeddings equal those of the full-length input.
+    """
+    used = int((ids != pad_id).sum(dim=1).max())
+    return ids[:, : min(ids.shape[1], used + 1)]
+
+
+def make_batch(data: TrainData, indices: Sequence[int], tokenizer: Tokenizer, model_config: CoCaConfig,
+               max_text_len: int) -> Batch:
+    images, captions, ids = data.fetch(indices)
+    pre = PreprocessConfig(image_size=model_config.vision.image_size, mean=model_config.image_mean,
+                           std=model_config.image_std)
+    pixels = torch.from_numpy(normalize(images, pre))
+    text = torch.from_numpy(tokenize(tokenizer, captions, max_text_len, model_config.eot_token_id,
+                                     model_config.pad_token_id))
+    return Batch(ids, pixels, trim(text, model_config.pad_token_id))

@@ -1,0 +1,131 @@
+"""Training-time forward passes of student and teacher.
+
+``text_forward`` / ``decoder_hidden`` are ``TextTower.forward`` / ``MultimodalDecoder.forward``
+re-stated for trimmed batches and without the vocabulary head (tests pin them to the
+model's own forward), so the head can be applied to a vocabulary subset.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models import CoCa
+from .losses import FeatureProjector, VocabSubset
+
+__all__ = ["text_forward", "decoder_hidden", "StudentForward", "TeacherOutputs", "teacher_outputs"]
+
+
+def text_forward(model: CoCa, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised text embedding and token states of a trimmed batch (see ``data.trim``);
+    the CLS token sits at the full context position, as in a full-length input."""
+    tt = model.text
+    b, length = ids.shape
+    ctx = tt.config.context_length
+    x = tt.token_embedding(ids) + tt.pos_embed[:length].to(tt.token_embedding.weight.dtype)
+    cls = (tt.cls_emb + tt.pos_embed[ctx]).view(1, 1, -1).expand(b, -1, -1).to(x.dtype)
+    x = torch.cat([x, cls], dim=1)
+    mask = tt._mask(ids)
+    for block in tt.blocks:
+        x, _, _ = block(x, mask=mask)
+    pooled = tt.ln_final(x[:, -1]) @ tt.proj
+    return F.normalize(pooled, dim=-1), x[:, :-1]
+
+
+def decoder_hidden(model: CoCa, token_states: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+    """The decoder's final normalised states (its forward without the head)."""
+    dec = model.decoder
+    s = token_states.shape[1]
+    mask = torch.ones(s, s, dtype=torch.bool, device=token_states.device).tril()
+    x = token_states
+    for i, (blk, xblk) in enumerate(zip(dec.blocks, dec.cross)):
+        x, _, _ = blk(x, mask=mask)
+        x = xblk(x, cross[i])
+    return dec.ln_final(x)
+
+
+class StudentForward(nn.Module):
+    """Everything trainable in one module, so one DDP wrapper syncs every gradient."""
+
+    def __init__(self, model: CoCa, vocab: VocabSubset, projector: FeatureProjector | None,
+                 kd_temperature: float | None):
+        super().__init__()
+        self.model = model
+        self.projector = projector
+        self.vocab = vocab
+        self.kd_temperature = kd_temperature
+
+    def forward(self, pixels: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+        m = self.model
+        image_embed, image_tokens = m.encode_image(pixels)
+        text_embed, states = text_forward(m, text)
+        hidden = decoder_hidden(m, states[:, :-1], m.decoder.cross_kv(image_tokens))
+        out = {"image": image_embed, "text": text_embed, "logit_scale": m.logit_scale.exp(),
+               "log_probs": self.vocab.log_probs(hidden, m.decoder.head)}
+        if self.kd_temperature is not None:
+            out["log_probs_kd"] = self.vocab.log_probs(hidden, m.decoder.head, self.kd_temperature)
+        if self.projector is not None:
+            out["proj_image"] = self.projector.image(image_embed)
+            out["proj_text"] = self.projector.text(text_embed)
+        return out
+
+
+@dataclass
+class TeacherOutputs:
+    """What the KD losses need from the teacher for one batch (from the cache or live)."""
+
+    image: torch.Tensor  # [B, E_t] normalised
+    text: torch.Tensor  # [B, E_t] normalised
+    logit_scale: torch.Tensor  # scalar
+    topk_ids: torch.Tensor  # int64 [B, T, k]
+    topk_log_probs: torch.Tensor  # float32 [B, T, k], at the KD temperature
+
+    def positions(self, n: int) -> "TeacherOutputs":
+        """The first ``n`` caption positions (the batch's trimmed length)."""
+        return TeacherOutputs(self.image, self.text, self.logit_scale, self.topk_ids[:, :n], self.topk_log_probs[:, :n])
+
+
+def _topk_log_probs(rows: torch.Tensor, head: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of the full-vocabulary log-softmax. All-zero head columns (a teacher trained with
+    ``caption_vocab: data``) all have logit 0 and are handled in closed form by
+    :class:`VocabSubset`: exact, and ~|V|/|used| times cheaper."""
+    used = head.detach().abs().sum(dim=0) != 0
+    vocab = VocabSubset(torch.nonzero(used).flatten() if bool(used.any()) else None, head.shape[1])
+    logp = vocab.log_probs(rows, head, temperature)
+    if vocab.full:
+        return logp.topk(k, dim=-1)
+    # candidates: every used token, and (enough) zero-logit tokens, which all share one value
+    n_zero = min(k, vocab.rest)
+    zero_ids = torch.nonzero(~used).flatten()[:n_zero].to(rows.device)
+    each_zero = (logp[:, -1:] - math.log(vocab.rest)).expand(-1, n_zero)
+    cand = torch.cat([logp[:, :-1], each_zero], dim=1)
+    cand_ids = torch.cat([vocab.ids.to(rows.device), zero_ids])
+    values, pos = cand.topk(k, dim=-1)
+    return values, cand_ids[pos]
+
+
+# Filler for positions without a caption token; finite so masked sums stay finite.
+EMPTY_LOG_PROB = -30.0
+
+
+@torch.no_grad()
+def teacher_outputs(teacher: CoCa, pixels: torch.Tensor, text: torch.Tensor, topk: int, temperature: float,
+                    pad_id: int) -> TeacherOutputs:
+    """Teacher embeddings and top-k next-token log-probabilities over the full vocabulary,
+    computed only at positions that predict a real token (bounded memory)."""
+    image_embed, image_tokens = teacher.encode_image(pixels)
+    text_embed, states = text_forward(teacher, text)
+    hidden = decoder_hidden(teacher, states[:, :-1], teacher.decoder.cross_kv(image_tokens))
+    labels = text[:, 1:]
+    b, t = labels.shape
+    ids = torch.zeros(b, t, topk, dtype=torch.long, device=pixels.device)
+    lps = torch.full((b, t, topk), EMPTY_LOG_PROB, dtype=torch.float32, device=pixels.device)
+    valid = labels != pad_id
+    rows = hidden[valid]
+    if rows.numel():
+        values, indices = _topk_log_probs(rows, teacher.decoder.head, topk, temperature)
+        ids[valid], lps[valid] = indices, values
+    return TeacherOutputs(image_embed.float(), text_embed.float(), teacher.logit_scale.exp().detach().float(), ids, lps)

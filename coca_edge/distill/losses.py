@@ -1,0 +1,165 @@
+"""Loss terms of CoCa training and teacher->student distillation.
+
+Ground truth: ``contrastive`` (symmetric InfoNCE with the learnable logit scale) and
+``caption`` (next-token cross-entropy). Knowledge from a teacher: ``affinity`` (KL between
+the teacher's and the student's in-batch image->text and text->image distributions, as in
+TinyCLIP / MobileCLIP), ``feature`` (student embeddings matched to the teacher's, through a
+learned projection when widths differ, as in CLIP-KD) and ``caption_kd`` (token-level KL to
+the teacher's next-token distribution at a temperature, from its cached top-k).
+
+Terms that average over tokens or samples return ``(sum, count)`` so the trainer can
+normalise by the *global* count: that keeps a multi-process run equal to a one-process run
+with the same global batch.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "VocabSubset",
+    "contrastive_loss",
+    "caption_loss",
+    "affinity_loss",
+    "feature_loss",
+    "caption_kd_loss",
+    "FeatureProjector",
+]
+
+
+class VocabSubset:
+    """Next-token log-probabilities over the full vocabulary, computing the head only on ``ids``.
+
+    Head columns outside ``ids`` must be zero (the trainer zeroes them and they receive
+    no gradient), so every outside token has logit 0 and their joint softmax share is
+    ``(V - |ids|) * exp(0)``: one extra "rest" column with logit ``log(V - |ids|)`` makes
+    the normaliser exact. With ``ids`` = the whole vocabulary this is the ordinary softmax.
+    """
+
+    def __init__(self, ids: torch.Tensor | None, vocab_size: int):
+        self.vocab_size = vocab_size
+        if ids is None:
+            ids = torch.arange(vocab_size)
+        ids = torch.unique(ids.long())
+        if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+            raise ValueError(f"vocabulary subset must be non-empty ids in [0, {vocab_size})")
+        self.ids = ids
+        self.rest = vocab_size - ids.numel()
+        self.position = torch.full((vocab_size,), -1, dtype=torch.long)
+        self.position[ids] = torch.arange(ids.numel())
+
+    @property
+    def full(self) -> bool:
+        return self.rest == 0
+
+    def log_probs(self, hidden: torch.Tensor, head: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """``[..., W]`` -> ``[..., |ids| (+1 rest column)]`` log-probabilities (fp32)."""
+        logits = (hidden @ (head if self.full else head[:, self.ids])).float() / temperature
+        if not self.full:
+            rest = torch.full(logits.shape[:-1] + (1,), math.log(self.rest), dtype=logits.dtype, device=logits.device)
+            logits = torch.cat([logits, rest], dim=-1)
+        return logits.log_softmax(dim=-1)
+
+    def gather(self, log_probs: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities of ``token_ids`` (any vocabulary id) from :meth:`log_probs` output."""
+        pos = self.position.to(token_ids.device)[token_ids]
+        if self.full:
+            return log_probs.gather(-1, pos)
+        inside = pos >= 0
+        picked = log_probs.gather(-1, pos.clamp(min=0))
+        outside = log_probs[..., -1:].expand_as(picked) - math.log(self.rest)
+        return torch.where(inside, picked, outside)
+
+    def mean_log_prob(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """Mean over the whole vocabulary of the log-probabilities (for label smoothing)."""
+        if self.full:
+            return log_probs.mean(dim=-1)
+        each_rest = log_probs[..., -1] - math.log(self.rest)
+        return (log_probs[..., :-1].sum(dim=-1) + self.rest * each_rest) / self.vocab_size
+
+
+def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+                     label_smoothing: float = 0.0) -> torch.Tensor:
+    """Symmetric InfoNCE over normalised ``[B, E]`` embeddings (the whole, gathered batch)."""
+    logits = logit_scale * image.float() @ text.float().T
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+            + F.cross_entropy(logits.T, labels, label_smoothing=label_smoothing)) / 2
+
+
+def caption_loss(log_probs: torch.Tensor, labels: torch.Tensor, vocab: VocabSubset, pad_id: int,
+                 label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy: ``(sum over non-pad tokens, their count)``."""
+    mask = labels != pad_id
+    nll = -vocab.gather(log_probs, labels.unsqueeze(-1)).squeeze(-1)
+    if label_smoothing > 0:
+        nll = (1 - label_smoothing) * nll - label_smoothing * vocab.mean_log_prob(log_probs)
+    return (nll * mask).sum(), mask.sum()
+
+
+def _row_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    t = teacher_logits.float().log_softmax(dim=-1)
+    s = student_logits.float().log_softmax(dim=-1)
+    return (t.exp() * (t - s)).sum(dim=-1).mean()
+
+
+def affinity_loss(student_image: torch.Tensor, student_text: torch.Tensor, student_scale: torch.Tensor,
+                  teacher_image: torch.Tensor, teacher_text: torch.Tensor, teacher_scale: torch.Tensor | float,
+                  temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) of the in-batch image->text and text->image distributions,
+    each model at its own logit scale, both divided by ``temperature``."""
+    s = student_scale * student_image.float() @ student_text.float().T / temperature
+    t = teacher_scale * teacher_image.float() @ teacher_text.float().T / temperature
+    return (_row_kl(t, s) + _row_kl(t.T, s.T)) / 2
+
+
+class FeatureProjector(nn.Module):
+    """Student embedding -> teacher embedding space; identity when the widths match
+    (a learned projection only where it is needed)."""
+
+    def __init__(self, student_dim: int, teacher_dim: int):
+        super().__init__()
+        self.image = nn.Identity() if student_dim == teacher_dim else nn.Linear(student_dim, teacher_dim, bias=False)
+        self.text = nn.Identity() if student_dim == teacher_dim else nn.Linear(student_dim, teacher_dim, bias=False)
+
+
+def feature_loss(student: torch.Tensor, teacher: torch.Tensor, projection: nn.Module,
+                 metric: str = "cosine") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample distance of projected student embeddings to the (normalised) teacher's:
+    ``(sum, count)``. ``cosine``: 1 - cos; ``l2``: squared distance of unit vectors."""
+    s = F.normalize(projection(student).float(), dim=-1)
+    t = F.normalize(teacher.float(), dim=-1)
+    if metric == "cosine":
+        per = 1 - (s * t).sum(dim=-1)
+    elif metric == "l2":
+        per = (s - t).pow(2).sum(dim=-1)
+    else:
+        raise ValueError(f"unknown feature metric {metric!r}")
+    return per.sum(), torch.tensor(per.shape[0], device=per.device)
+
+
+def caption_kd_loss(student_log_probs: torch.Tensor, vocab: VocabSubset, teacher_ids: torch.Tensor,
+                    teacher_log_probs: torch.Tensor, mask: torch.Tensor,
+                    temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-level KL(teacher || student) at ``temperature`` from the teacher's top-k.
+
+    ``teacher_ids`` / ``teacher_log_probs`` ``[B, T, k]`` are the teacher's k most likely
+    next tokens and their full-vocabulary log-probabilities at the same temperature; the
+    rest of its mass is one "other" bucket, compared with the student's mass outside those
+    k tokens. This is the exact KL between both distributions coarsened to k + 1 outcomes:
+    zero when the student equals the teacher, and it still penalises student mass placed
+    outside the teacher's top-k. Scaled by ``temperature ** 2`` (Hinton et al.).
+    Returns ``(sum over masked positions, their count)``.
+    """
+    s = vocab.gather(student_log_probs, teacher_ids)
+    t = teacher_log_probs.float()
+    pt = t.exp()
+    kl = (pt * (t - s)).sum(dim=-1)
+    rest_t = (1 - pt.sum(dim=-1)).clamp(min=0)
+    rest_s = (1 - s.exp().sum(dim=-1)).clamp(min=1e-12)
+    kl = kl + torch.where(rest_t > 0, rest_t * (rest_t.clamp(min=1e-12).log() - rest_s.log()), torch.zeros_like(kl))
+    kl = kl * temperature ** 2
+    return (kl * mask).sum(), mask.sum()

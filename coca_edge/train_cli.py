@@ -1,0 +1,80 @@
+"""``coca-edge train`` and ``coca-edge distill`` subcommands.
+
+``coca_edge.cli`` calls :func:`register`; ``python -m coca_edge.train_cli`` runs them
+directly (what ``torchrun -m coca_edge.train_cli ...`` uses to scale out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+__all__ = ["register", "main"]
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML recipe (optional: defaults plus --set/flags)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set steps=200 --set loss.caption_kd=1 (repeatable)")
+    p.add_argument("--output-dir", help="where checkpoints, metrics.jsonl and final/ go (config: output_dir)")
+    p.add_argument("--steps", type=int, help="optimiser steps (config: steps)")
+    p.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
+                   help="continue from <output_dir>/checkpoints/latest, or from the given checkpoint directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser(
+        "train", help="train or fine-tune a CoCa model (contrastive + captioning)",
+        description="CoCa training / fine-tuning: loss = w_con * contrastive + w_cap * caption. "
+                    "Runs under torchrun for DDP.")
+    _common(train)
+    train.add_argument("--model", help="architecture preset or config.json (config: model)")
+    train.add_argument("--init", help="'scratch' or a checkpoint to fine-tune (config: init)")
+    train.set_defaults(func=_run, mode="train")
+    distill = subparsers.add_parser(
+        "distill", help="distill a teacher into a smaller student",
+        description="Teacher -> student distillation: ground-truth losses plus affinity, feature and "
+                    "caption KD from (cached) teacher outputs.")
+    _common(distill)
+    distill.add_argument("--teacher", help="teacher checkpoint (config: teacher.path)")
+    distill.add_argument("--student", help="student architecture preset or config.json (config: model)")
+    distill.add_argument("--init", help="'inherit' (from the teacher), 'scratch' or a checkpoint (config: init)")
+    distill.set_defaults(func=_run, mode="distill")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .distill.checkpoint import CheckpointCorruptError, CheckpointSaveError
+    from .distill.config import TrainConfigError, load_config
+    from .distill.trainer import distill, train
+    from .models.config import ConfigError
+    from .models.openclip import CheckpointError
+
+    flags = {"output_dir": args.output_dir, "steps": args.steps, "init": args.init,
+             "model": getattr(args, "model", None) or getattr(args, "student", None),
+             "teacher.path": getattr(args, "teacher", None)}
+    overrides = list(args.overrides) + [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    try:
+        cfg = load_config(args.config, overrides)
+        run = distill if args.mode == "distill" else train
+        result = run(cfg, resume=args.resume, progress=not args.no_progress)
+    except (TrainConfigError, ConfigError, CheckpointError, CheckpointCorruptError, CheckpointSaveError) as err:
+        print(f"coca-edge {args.mode}: error: {err}", file=sys.stderr)
+        return 2
+    if result.final_dir is not None:
+        summary = {k: v for k, v in result.eval.items() if k != "examples"}
+        print(json.dumps({"final": str(result.final_dir), "step": result.step, "params": result.params,
+                          "seconds": round(result.seconds, 1), "eval": summary}, indent=2))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m coca_edge.train_cli")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Teacher-output cache: equals the live teacher, keyed by what it depends on."""
+from __future__ import annotations
+
+import shutil
+
+import torch
+
+from coca_edge.distill.cache import build_cache, cache_key, open_cache, teacher_fingerprint
+from coca_edge.distill.config import DataConfig
+from coca_edge.distill.data import make_batch, open_train_data
+from coca_edge.distill.forward import teacher_outputs
+from coca_edge.tokenizer import Tokenizer
+
+MAX_LEN = 20
+
+
+def _spec(model, data, topk=5, temperature=2.0):
+    pre = {"image_size": model.config.vision.image_size}
+    return cache_key(teacher_fingerprint(model), data.identity, pre, MAX_LEN, topk, temperature)
+
+
+def test_cache_equals_live_teacher(tmp_path, tiny_config, tiny_model):
+    data = open_train_data(DataConfig(train_size=12, max_text_len=MAX_LEN), tiny_config)
+    tok = Tokenizer()
+    key, spec = _spec(tiny_model, data)
+    cache = build_cache(tmp_path, key, spec, tiny_model, data, tok, MAX_LEN, batch_size=5, progress=False)
+    assert len(cache) == 12 and open_cache(tmp_path, key) is not None
+    batch = make_batch(data, [7, 2, 11], tok, tiny_config, MAX_LEN)
+    live = teacher_outputs(tiny_model, batch.pixels, batch.text, 5, 2.0, 0)
+    cached = cache.lookup(batch.ids).positions(batch.text.shape[1] - 1)
+    # batch composition changes the padded length, not the math: observed ~1e-6
+    torch.testing.assert_close(cached.image, live.image, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cached.text, live.text, atol=1e-5, rtol=0)
+    mask = batch.text[:, 1:] != 0
+    assert torch.equal(cached.topk_ids[mask], live.topk_ids[mask])
+    torch.testing.assert_close(cached.topk_log_probs[mask], live.topk_log_probs[mask], atol=1e-4, rtol=0)
+
+
+def test_key_changes_with_teacher_data_and_settings(tiny_config, tiny_model):
+    data = open_train_data(DataConfig(train_size=12), tiny_config)
+    key = _spec(tiny_model, data)[0]
+    assert _spec(tiny_model, open_train_data(DataConfig(train_size=12, seed=1), tiny_config))[0] != key
+    assert _spec(tiny_model, data, topk=6)[0] != key
+    assert _spec(tiny_model, data, temperature=1.0)[0] != key
+    with torch.no_grad():
+        tiny_model.decoder.head[0, 0] += 1e-3
+    assert _spec(tiny_model, data)[0] != key
+
+
+def test_interrupted_build_is_not_used(tmp_path, tiny_config, tiny_model):
+    data = open_train_data(DataConfig(train_size=4, max_text_len=MAX_LEN), tiny_config)
+    key, spec = _spec(tiny_model, data)
+    cache = build_cache(tmp_path, key, spec, tiny_model, data, Tokenizer(), MAX_LEN, progress=False)
+    (cache.path / "meta.json").unlink()  # what a build killed before its last write leaves
+    assert open_cache(tmp_path, key) is None
+    shutil.rmtree(cache.path)
