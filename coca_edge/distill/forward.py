@@ -37,14 +37,7 @@ def text_forward(model: CoCa, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 def decoder_hidden(model: CoCa, token_states: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
     """The decoder's final normalised states (its forward without the head)."""
-    dec = model.decoder
-    s = token_states.shape[1]
-    mask = torch.ones(s, s, dtype=torch.bool, device=token_states.device).tril()
-    x = token_states
-    for i, (blk, xblk) in enumerate(zip(dec.blocks, dec.cross)):
-        x, _, _ = blk(x, mask=mask)
-        x = xblk(x, cross[i])
-    return dec.ln_final(x)
+    return model.decoder.hidden(token_states, cross)
 
 
 class StudentForward(nn.Module):

@@ -275,14 +275,18 @@ class MultimodalDecoder(nn.Module):
     def cross_kv(self, image_tokens: torch.Tensor) -> torch.Tensor:
         return torch.stack([blk.cross_kv(image_tokens) for blk in self.cross])
 
-    def forward(self, token_states: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+    def hidden(self, token_states: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+        """Final normalised states of a full (teacher-forced) sequence, before the vocabulary head."""
         s = token_states.shape[1]
         mask = torch.ones(s, s, dtype=torch.bool, device=token_states.device).tril()
         x = token_states
         for i, (blk, xblk) in enumerate(zip(self.blocks, self.cross)):
             x, _, _ = blk(x, mask=mask)
             x = xblk(x, cross[i])
-        return self.ln_final(x) @ self.head
+        return self.ln_final(x)
+
+    def forward(self, token_states: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+        return self.hidden(token_states, cross) @ self.head
 
     def forward_cached(self, token_states: torch.Tensor, past: torch.Tensor,
                        cross: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
