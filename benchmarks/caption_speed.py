@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 
-def _median_time(fn, repeats: int = 1) -> float:
+def _seconds(fn, repeats: int = 1) -> float:
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
@@ -120,7 +120,7 @@ def main() -> None:
                 fn()  # warm-up
             for _ in range(args.runs):
                 for name, fn in impls.items():
-                    times[name].append(_median_time(fn))
+                    times[name].append(_seconds(fn))
                     print(f"  batch {batch} {name}: {times[name][-1]:.2f} s", flush=True)
         med = {k: statistics.median(v) for k, v in times.items()}
         results[batch] = {"median_s": med, "tokens_per_s": {k: batch * n / v for k, v in med.items()},
@@ -135,7 +135,7 @@ def main() -> None:
     feed = decoder_feed(np.full((1, 1), 320, np.int64), (out["present_text"], out["present_decoder"]), cross)
     for _ in range(3):
         decoder.run(feed)
-    step = statistics.median(_median_time(lambda: decoder.run(feed)) for _ in range(30))
+    step = statistics.median(_seconds(lambda: decoder.run(feed)) for _ in range(30))
     streamed, total = _weight_bytes_per_step(Path(bundle) / "decoder.onnx")
     bandwidth = _copy_bandwidth()
     bound = streamed / bandwidth

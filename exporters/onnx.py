@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -129,7 +128,7 @@ def _finalize(tmp_path: Path, path: Path) -> list[Path]:
     import onnx
 
     model = onnx.load(str(tmp_path), load_external_data=True)
-    large = model.ByteSize() > _TWO_GB if _safe_bytesize(model) else True
+    large = _byte_size(model) > _TWO_GB
     data_name = path.name + ".data"
     if large:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -147,12 +146,11 @@ def _finalize(tmp_path: Path, path: Path) -> list[Path]:
     return files
 
 
-def _safe_bytesize(model) -> bool:
+def _byte_size(model) -> float:
     try:
-        model.ByteSize()
-        return True
+        return model.ByteSize()
     except Exception:  # protobuf refuses to size a message past 2 GB
-        return False
+        return float("inf")
 
 
 def _session(path: Path):
@@ -261,8 +259,3 @@ def export_onnx(model: CoCa, out_dir: str | os.PathLike, graphs: Sequence[str] =
         report = validate_graph(path, spec, model) if validate else []
         results[name] = {"files": files, "spec": spec, "validation": report}
     return results
-
-
-def copy_graph_files(files: Iterable[Path], target: Path) -> None:
-    for f in files:
-        shutil.copy2(f, target / f.name)

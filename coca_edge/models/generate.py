@@ -79,8 +79,7 @@ def beam_search(model: CoCa, pixels: torch.Tensor, num_beams: int = 3, max_new_t
                 logp[:, cfg.eot_token_id] = float("-inf")
             vocab = logp.shape[-1]
             flat = (scores[:, None] + logp).reshape(-1)
-            order = sorted(range(flat.numel()), key=lambda i: (-flat[i].item(), i))[: 2 * num_beams] \
-                if flat.numel() < 4096 else _topk_stable(flat, 2 * num_beams)
+            order = _topk_stable(flat, min(2 * num_beams, flat.numel()))
             new_beams, new_scores = [], []
             for rank, i in enumerate(order):
                 beam, token, score = i // vocab, i % vocab, flat[i].item()

@@ -220,13 +220,10 @@ def _beam_search(decoder: Runner, cross: np.ndarray, layout: DecoderLayout,
                     break
             if len(hyps[b]) >= nb:
                 done[b] = True
-        if done.all() or step + 1 == config.max_new_tokens:
-            if step + 1 == config.max_new_tokens:
-                seqs = [seqs[s] + [int(t)] for s, t in zip(select, next_tokens)]
-                scores = next_scores
-            break
         seqs = [seqs[s] + [int(t)] for s, t in zip(select, next_tokens)]
         scores = next_scores
+        if done.all() or step + 1 == config.max_new_tokens:
+            break
         past = (present[0][:, :, select], present[1][:, :, select])
         ids = next_tokens[:, None]
     out, best_scores = [], []

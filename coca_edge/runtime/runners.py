@@ -69,8 +69,6 @@ class OrtRunner:
             raise BundleError(f"{self.path}: ONNX Runtime cannot load this graph ({str(err).splitlines()[0]})") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.input_types = {i.name: _ORT_DTYPES.get(i.type, i.type) for i in self.session.get_inputs()}
-        self.input_ranks = {i.name: len(i.shape) for i in self.session.get_inputs()}
         if expected_io is not None:
             self._check_io(*expected_io)
 
