@@ -36,7 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     distill = subparsers.add_parser(
         "distill", help="distill a teacher into a smaller student",
         description="Teacher -> student distillation: ground-truth losses plus affinity, feature and "
-                    "caption KD from (cached) teacher outputs.")
+                    "caption KD (on ground-truth captions: loss.caption_kd; on captions the teacher generates: "
+                    "loss.caption_seq_kd) from cached teacher outputs.")
     _common(distill)
     distill.add_argument("--teacher", help="teacher checkpoint (config: teacher.path)")
     distill.add_argument("--student", help="student architecture preset or config.json (config: model)")

@@ -6,6 +6,11 @@ hash of everything the outputs depend on: the teacher's weights and architecture
 dataset identity, the preprocessing (image size, mean, std), the caption length, top-k and
 the KD temperature; change any and a different directory is used (and built). ``meta.json``
 is written last, so a build that was interrupted is never mistaken for a complete one.
+
+Two kinds of cache share this format: ``targets`` (embeddings and top-k along the
+ground-truth captions) and ``generated`` (for sequence-level KD: the teacher's greedy
+caption of every image and its top-k along it). Each has its own key, so switching
+sequence-level KD on builds only the generated part.
 """
 from __future__ import annotations
 
@@ -23,12 +28,13 @@ import torch
 from ..models import CoCa
 from ..tokenizer import Tokenizer
 from .data import TrainData, make_batch
-from .forward import TeacherOutputs, teacher_outputs
+from .forward import TeacherOutputs, teacher_generated, teacher_outputs
 
-__all__ = ["TeacherCache", "CacheError", "cache_key", "build_cache", "open_cache", "teacher_fingerprint"]
+__all__ = ["TeacherCache", "CacheError", "cache_key", "build_cache", "open_cache", "teacher_fingerprint", "KINDS"]
 
 CACHE_VERSION = 1
-_ARRAYS = ("image", "text", "topk_ids", "topk_log_probs")
+KINDS = {"targets": ("image", "text", "topk_ids", "topk_log_probs"),
+         "generated": ("gen_text", "gen_topk_ids", "gen_topk_log_probs")}
 
 
 class CacheError(RuntimeError):
@@ -44,31 +50,44 @@ def teacher_fingerprint(teacher: CoCa) -> str:
 
 
 def cache_key(teacher_fp: str, data_identity: dict[str, Any], preprocess: dict[str, Any], positions: int,
-              topk: int, temperature: float) -> tuple[str, dict[str, Any]]:
+              topk: int, temperature: float, kind: str = "targets") -> tuple[str, dict[str, Any]]:
+    if kind not in KINDS:
+        raise ValueError(f"unknown cache kind {kind!r}; kinds are {sorted(KINDS)}")
     spec = {"version": CACHE_VERSION, "teacher": teacher_fp, "data": data_identity, "preprocess": preprocess,
             "positions": positions, "topk": topk, "temperature": temperature}
+    if kind != "targets":  # keeps the keys of existing target caches unchanged
+        spec["kind"] = kind
+        if kind == "generated":
+            spec["generation"] = {"strategy": "greedy", "max_new_tokens": positions}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20], spec
 
 
 class TeacherCache:
-    """Read side: ``lookup(sample_ids)`` -> :class:`TeacherOutputs` for those samples."""
+    """Read side: ``lookup(sample_ids)`` -> :class:`TeacherOutputs` (a ``targets`` cache) or
+    ``rows(sample_ids)`` -> its arrays (either kind)."""
 
     def __init__(self, path: Path):
         self.path = path
         self.meta = json.loads((path / "meta.json").read_text())
-        self.arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in _ARRAYS}
-        self.rows = {sid: i for i, sid in enumerate(json.loads((path / "ids.json").read_text()))}
-        self.logit_scale = torch.tensor(float(self.meta["logit_scale"]))
+        self.kind = self.meta.get("kind", "targets")
+        self.arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in KINDS[self.kind]}
+        self.index = {sid: i for i, sid in enumerate(json.loads((path / "ids.json").read_text()))}
+        self.logit_scale = torch.tensor(float(self.meta.get("logit_scale", float("nan"))))
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.index)
 
-    def lookup(self, sample_ids: Sequence[str]) -> TeacherOutputs:
+    def rows(self, sample_ids: Sequence[str]) -> dict[str, torch.Tensor]:
         try:
-            rows = np.asarray([self.rows[s] for s in sample_ids])
+            rows = np.asarray([self.index[s] for s in sample_ids])
         except KeyError as err:
             raise CacheError(f"sample {err.args[0]!r} is not in the teacher cache {self.path}") from None
-        a = {name: torch.from_numpy(np.ascontiguousarray(arr[rows])) for name, arr in self.arrays.items()}
+        return {name: torch.from_numpy(np.ascontiguousarray(arr[rows])) for name, arr in self.arrays.items()}
+
+    def lookup(self, sample_ids: Sequence[str]) -> TeacherOutputs:
+        if self.kind != "targets":
+            raise CacheError(f"{self.path} is a {self.kind!r} cache; lookup needs a 'targets' cache")
+        a = self.rows(sample_ids)
         return TeacherOutputs(a["image"], a["text"], self.logit_scale, a["topk_ids"].long(), a["topk_log_probs"])
 
 
@@ -82,7 +101,8 @@ def open_cache(root: str | os.PathLike, key: str) -> TeacherCache | None:
 @torch.no_grad()
 def build_cache(root: str | os.PathLike, key: str, spec: dict[str, Any], teacher: CoCa, data: TrainData,
                 tokenizer: Tokenizer, max_text_len: int, batch_size: int = 128, progress: bool = True) -> TeacherCache:
-    """Run ``teacher`` over every sample of ``data`` and write the cache (rank 0 only)."""
+    """Run ``teacher`` over every sample of ``data`` and write the cache (rank 0 only); the
+    kind (``spec["kind"]``, default ``targets``) says what is stored."""
     from tqdm import tqdm
 
     root = Path(root)
@@ -91,34 +111,40 @@ def build_cache(root: str | os.PathLike, key: str, spec: dict[str, Any], teacher
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     cfg = teacher.config
+    kind = spec.get("kind", "targets")
     n, positions, k = len(data), spec["positions"], spec["topk"]
-    arrays = {
-        "image": np.lib.format.open_memmap(tmp / "image.npy", "w+", np.float32, (n, cfg.embed_dim)),
-        "text": np.lib.format.open_memmap(tmp / "text.npy", "w+", np.float32, (n, cfg.embed_dim)),
-        "topk_ids": np.lib.format.open_memmap(tmp / "topk_ids.npy", "w+", np.int32, (n, positions, k)),
-        "topk_log_probs": np.lib.format.open_memmap(tmp / "topk_log_probs.npy", "w+", np.float32, (n, positions, k)),
-    }
+    shapes = {"image": (np.float32, (n, cfg.embed_dim)), "text": (np.float32, (n, cfg.embed_dim)),
+              "topk_ids": (np.int32, (n, positions, k)), "topk_log_probs": (np.float32, (n, positions, k)),
+              "gen_text": (np.int32, (n, positions + 1)), "gen_topk_ids": (np.int32, (n, positions, k)),
+              "gen_topk_log_probs": (np.float32, (n, positions, k))}
+    arrays = {name: np.lib.format.open_memmap(tmp / f"{name}.npy", "w+", *shapes[name]) for name in KINDS[kind]}
     ids: list[str] = []
     teacher = teacher.eval()
     device = next(teacher.parameters()).device
     start = time.time()
-    for lo in tqdm(range(0, n, batch_size), desc="teacher cache", unit="batch", disable=not progress):
+    extra: dict[str, Any] = {}
+    desc = "teacher cache" if kind == "targets" else "teacher captions"
+    for lo in tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress):
         hi = min(n, lo + batch_size)
         batch = make_batch(data, range(lo, hi), tokenizer, cfg, max_text_len)
-        # Fixed width: one pad column after the longest possible caption (see ``data.trim``).
-        text = _pad_to(batch.text, positions + 1, cfg.pad_token_id)
-        out = teacher_outputs(teacher, batch.pixels.to(device), text.to(device), k, spec["temperature"],
-                              cfg.pad_token_id)
-        arrays["image"][lo:hi] = out.image.cpu().numpy()
-        arrays["text"][lo:hi] = out.text.cpu().numpy()
-        arrays["topk_ids"][lo:hi] = out.topk_ids.cpu().numpy().astype(np.int32)
-        arrays["topk_log_probs"][lo:hi] = out.topk_log_probs.cpu().numpy()
+        pixels = batch.pixels.to(device)
+        if kind == "targets":
+            # Fixed width: one pad column after the longest possible caption (see ``data.trim``).
+            text = _pad_to(batch.text, positions + 1, cfg.pad_token_id)
+            out = teacher_outputs(teacher, pixels, text.to(device), k, spec["temperature"], cfg.pad_token_id)
+            values = {"image": out.image, "text": out.text, "topk_ids": out.topk_ids,
+                      "topk_log_probs": out.topk_log_probs}
+            extra["logit_scale"] = float(out.logit_scale)
+        else:
+            gen, gen_ids, gen_lps = teacher_generated(teacher, pixels, positions, k, spec["temperature"])
+            values = {"gen_text": gen, "gen_topk_ids": gen_ids, "gen_topk_log_probs": gen_lps}
+        for name, value in values.items():
+            arrays[name][lo:hi] = value.cpu().numpy().astype(arrays[name].dtype)
         ids.extend(batch.ids)
-        logit_scale = float(out.logit_scale)
     for arr in arrays.values():
         arr.flush()
     (tmp / "ids.json").write_text(json.dumps(ids))
-    meta = {**spec, "key": key, "n": n, "logit_scale": logit_scale, "build_seconds": round(time.time() - start, 1)}
+    meta = {**spec, "kind": kind, "key": key, "n": n, **extra, "build_seconds": round(time.time() - start, 1)}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     if final.exists():
         shutil.rmtree(final)

@@ -28,8 +28,8 @@ __all__ = [
 
 CONFIG_VERSION = 1
 # Names used in configs, logs and metrics; ground truth first, then the three kinds of knowledge.
-LOSS_TERMS = ("contrastive", "caption", "affinity", "feature", "caption_kd")
-KD_TERMS = ("affinity", "feature", "caption_kd")
+LOSS_TERMS = ("contrastive", "caption", "affinity", "feature", "caption_kd", "caption_seq_kd")
+KD_TERMS = ("affinity", "feature", "caption_kd", "caption_seq_kd")
 
 
 class TrainConfigError(ValueError):
@@ -97,6 +97,9 @@ class LossConfig:
     affinity: float = 0.0
     feature: float = 0.0
     caption_kd: float = 0.0
+    # Sequence-level KD: the caption_kd KL along captions the teacher generates (greedy,
+    # once, cached with the other teacher outputs) instead of the ground-truth captions.
+    caption_seq_kd: float = 0.0
     label_smoothing: float = 0.0
     feature_metric: str = "cosine"
     affinity_temperature: float = 1.0
@@ -165,6 +168,9 @@ class TrainConfig:
     keep_last: int = 3
     threads: int | None = None
     export_dtype: str = "float32"
+    # Also write the metrics as TensorBoard scalars under <output_dir>/tensorboard
+    # (needs the tensorboard package: pip install "coca-edge[tensorboard]").
+    tensorboard: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -6,6 +6,7 @@ model's own forward), so the head can be applied to a vocabulary subset.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -14,9 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import CoCa
+from .data import trim
 from .losses import FeatureProjector, VocabSubset
 
-__all__ = ["text_forward", "decoder_hidden", "StudentForward", "TeacherOutputs", "teacher_outputs"]
+__all__ = ["text_forward", "decoder_hidden", "StudentForward", "TeacherOutputs", "teacher_outputs",
+           "teacher_generated"]
 
 
 def text_forward(model: CoCa, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,22 +47,33 @@ class StudentForward(nn.Module):
     """Everything trainable in one module, so one DDP wrapper syncs every gradient."""
 
     def __init__(self, model: CoCa, vocab: VocabSubset, projector: FeatureProjector | None,
-                 kd_temperature: float | None):
+                 kd_temperature: float | None, seq_kd_temperature: float | None = None):
         super().__init__()
         self.model = model
         self.projector = projector
         self.vocab = vocab
         self.kd_temperature = kd_temperature
+        self.seq_kd_temperature = seq_kd_temperature
 
-    def forward(self, pixels: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, pixels: torch.Tensor, text: torch.Tensor,
+                generated: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``generated``: the teacher's own captions of these images (sequence-level KD); the
+        student is teacher-forced on them in a second decoder pass over the same image K/V."""
         m = self.model
         image_embed, image_tokens = m.encode_image(pixels)
         text_embed, states = text_forward(m, text)
-        hidden = decoder_hidden(m, states[:, :-1], m.decoder.cross_kv(image_tokens))
+        cross = m.decoder.cross_kv(image_tokens)
+        hidden = decoder_hidden(m, states[:, :-1], cross)
         out = {"image": image_embed, "text": text_embed, "logit_scale": m.logit_scale.exp(),
                "log_probs": self.vocab.log_probs(hidden, m.decoder.head)}
         if self.kd_temperature is not None:
             out["log_probs_kd"] = self.vocab.log_probs(hidden, m.decoder.head, self.kd_temperature)
+        if generated is not None:
+            if self.seq_kd_temperature is None:
+                raise ValueError("generated captions were given but sequence-level KD is off")
+            _, gen_states = text_forward(m, generated)
+            gen_hidden = decoder_hidden(m, gen_states[:, :-1], cross)
+            out["log_probs_seq_kd"] = self.vocab.log_probs(gen_hidden, m.decoder.head, self.seq_kd_temperature)
         if self.projector is not None:
             out["proj_image"] = self.projector.image(image_embed)
             out["proj_text"] = self.projector.text(text_embed)
@@ -75,10 +89,26 @@ class TeacherOutputs:
     logit_scale: torch.Tensor  # scalar
     topk_ids: torch.Tensor  # int64 [B, T, k]
     topk_log_probs: torch.Tensor  # float32 [B, T, k], at the KD temperature
+    # Sequence-level KD: the teacher's greedy caption of each image and its top-k along it.
+    gen_text: torch.Tensor | None = None  # int64 [B, G + 1], trimmed (see ``data.trim``)
+    gen_topk_ids: torch.Tensor | None = None  # int64 [B, G, k]
+    gen_topk_log_probs: torch.Tensor | None = None  # float32 [B, G, k]
 
     def positions(self, n: int) -> "TeacherOutputs":
-        """The first ``n`` caption positions (the batch's trimmed length)."""
-        return TeacherOutputs(self.image, self.text, self.logit_scale, self.topk_ids[:, :n], self.topk_log_probs[:, :n])
+        """The first ``n`` caption positions (the batch's trimmed length); the generated
+        captions are trimmed to their own longest."""
+        return dataclasses.replace(self, topk_ids=self.topk_ids[:, :n], topk_log_probs=self.topk_log_probs[:, :n])
+
+    def with_generated(self, gen_text: torch.Tensor, gen_topk_ids: torch.Tensor, gen_topk_log_probs: torch.Tensor,
+                       pad_id: int) -> "TeacherOutputs":
+        gen_text = trim(gen_text.long(), pad_id)
+        g = gen_text.shape[1] - 1
+        return dataclasses.replace(self, gen_text=gen_text, gen_topk_ids=gen_topk_ids[:, :g].long(),
+                                   gen_topk_log_probs=gen_topk_log_probs[:, :g])
+
+    def to(self, device: torch.device) -> "TeacherOutputs":
+        return TeacherOutputs(*(None if x is None else x.to(device)
+                                for x in (getattr(self, f.name) for f in dataclasses.fields(self))))
 
 
 def _topk_log_probs(rows: torch.Tensor, head: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,3 +152,21 @@ def teacher_outputs(teacher: CoCa, pixels: torch.Tensor, text: torch.Tensor, top
         values, indices = _topk_log_probs(rows, teacher.decoder.head, topk, temperature)
         ids[valid], lps[valid] = indices, values
     return TeacherOutputs(image_embed.float(), text_embed.float(), teacher.logit_scale.exp().detach().float(), ids, lps)
+
+
+@torch.no_grad()
+def teacher_generated(teacher: CoCa, pixels: torch.Tensor, positions: int, topk: int, temperature: float
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sequence-level KD targets: the teacher's greedy caption of each image (KV-cached, at
+    most ``positions`` new tokens, ``[B, positions + 1]`` with the start token, pad after the
+    end token) and its top-k next-token log-probabilities along that caption."""
+    from ..models.generate import greedy_generate
+
+    cfg = teacher.config
+    gen = greedy_generate(teacher, pixels, max_new_tokens=positions)
+    if gen.shape[1] < positions + 1:
+        pad = torch.full((gen.shape[0], positions + 1 - gen.shape[1]), cfg.pad_token_id, dtype=gen.dtype,
+                         device=gen.device)
+        gen = torch.cat([gen, pad], dim=1)
+    out = teacher_outputs(teacher, pixels, gen, topk, temperature, cfg.pad_token_id)
+    return gen, out.topk_ids, out.topk_log_probs

@@ -12,6 +12,7 @@ under ``torchrun`` (DDP; gloo on CPU, NCCL on GPU). Exactness by construction:
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -33,7 +34,7 @@ from . import checkpoint as ckpt
 from .cache import TeacherCache, build_cache, cache_key, open_cache, teacher_fingerprint
 from .config import LOSS_TERMS, TrainConfig, TrainConfigError
 from .data import StepSampler, TrainData, make_batch, open_train_data, tokenize
-from .forward import StudentForward, TeacherOutputs, teacher_outputs
+from .forward import StudentForward, TeacherOutputs, teacher_generated, teacher_outputs
 from .losses import (FeatureProjector, VocabSubset, affinity_loss, caption_kd_loss, caption_loss,
                      contrastive_loss, feature_loss)
 
@@ -153,14 +154,15 @@ def check_teacher(teacher: CoCaConfig, student: CoCaConfig, cfg: TrainConfig) ->
     embedding widths are fine (feature KD learns a projection; affinity compares in-batch
     similarities, which have no width)."""
     problems = []
-    if cfg.loss.caption_kd > 0 or cfg.init == "inherit":
+    caption_kd = cfg.loss.caption_kd > 0 or cfg.loss.caption_seq_kd > 0
+    if caption_kd or cfg.init == "inherit":
         if teacher.vocab_size != student.vocab_size:
             problems.append(f"vocabulary sizes differ (teacher {teacher.vocab_size}, student {student.vocab_size}): "
-                            "caption_kd and weight inheritance need one tokenizer")
+                            "caption_kd / caption_seq_kd and weight inheritance need one tokenizer")
         for key in ("sot_token_id", "eot_token_id", "pad_token_id"):
             if getattr(teacher, key) != getattr(student, key):
                 problems.append(f"{key} differs (teacher {getattr(teacher, key)}, student {getattr(student, key)})")
-    if cfg.loss.caption_kd > 0 and teacher.context_length < min(cfg.data.max_text_len + 1, student.context_length):
+    if caption_kd and teacher.context_length < min(cfg.data.max_text_len + 1, student.context_length):
         problems.append(f"teacher context length {teacher.context_length} is shorter than the student's captions "
                         f"({cfg.data.max_text_len} tokens + 1): lower data.max_text_len")
     if problems:
@@ -193,16 +195,31 @@ class _LiveTeacher:
         pixels = batch.pixels if self.same_pixels else make_batch(
             self.data, indices, self.tokenizer, self.teacher.config, self.cfg.data.max_text_len).pixels
         device = next(self.teacher.parameters()).device
-        return teacher_outputs(self.teacher, pixels.to(device), batch.text.to(device), self.cfg.teacher.topk,
-                               self.cfg.loss.kd_temperature, self.teacher.config.pad_token_id)
+        pixels = pixels.to(device)
+        pad = self.teacher.config.pad_token_id
+        out = teacher_outputs(self.teacher, pixels, batch.text.to(device), self.cfg.teacher.topk,
+                              self.cfg.loss.kd_temperature, pad)
+        if self.cfg.loss.caption_seq_kd > 0:
+            out = out.with_generated(*teacher_generated(self.teacher, pixels, _positions(self.teacher.config, self.cfg),
+                                                        self.cfg.teacher.topk, self.cfg.loss.kd_temperature), pad)
+        return out
 
 
 class _CachedTeacher:
-    def __init__(self, cache: TeacherCache):
-        self.cache = cache
+    def __init__(self, cache: TeacherCache, generated: TeacherCache | None, pad_id: int):
+        self.cache, self.generated, self.pad_id = cache, generated, pad_id
 
     def __call__(self, batch, indices) -> TeacherOutputs:
-        return self.cache.lookup(batch.ids).positions(batch.text.shape[1] - 1)
+        out = self.cache.lookup(batch.ids).positions(batch.text.shape[1] - 1)
+        if self.generated is not None:
+            g = self.generated.rows(batch.ids)
+            out = out.with_generated(g["gen_text"], g["gen_topk_ids"], g["gen_topk_log_probs"], self.pad_id)
+        return out
+
+
+def _positions(teacher: CoCaConfig, cfg: TrainConfig) -> int:
+    """Caption positions the teacher's targets cover (the longest trimmed caption)."""
+    return min(teacher.context_length, cfg.data.max_text_len + 1) - 1
 
 
 def _teacher_source(cfg: TrainConfig, teacher: CoCa, data: TrainData, tokenizer: Tokenizer, student_cfg: CoCaConfig,
@@ -210,18 +227,23 @@ def _teacher_source(cfg: TrainConfig, teacher: CoCa, data: TrainData, tokenizer:
     if not cfg.teacher.use_cache:
         return _LiveTeacher(teacher, cfg, data, tokenizer, student_cfg)
     tc = teacher.config
-    positions = min(tc.context_length, cfg.data.max_text_len + 1) - 1
+    positions = _positions(tc, cfg)
     preprocess = {"image_size": tc.vision.image_size, "mean": list(tc.image_mean), "std": list(tc.image_std)}
-    key, spec = cache_key(teacher_fingerprint(teacher), data.identity, preprocess, positions, cfg.teacher.topk,
-                          cfg.loss.kd_temperature)
+    fingerprint = teacher_fingerprint(teacher)
     root = Path(cfg.teacher.cache_dir or Path(cfg.output_dir) / "teacher-cache")
-    if d.main and open_cache(root, key) is None:
-        build_cache(root, key, spec, teacher, data, tokenizer, cfg.data.max_text_len, progress=progress)
-    d.barrier()
-    cache = open_cache(root, key)
-    if cache is None:
-        raise RuntimeError(f"teacher cache {root / key} was not built")
-    return _CachedTeacher(cache)
+    kinds = ["targets"] + (["generated"] if cfg.loss.caption_seq_kd > 0 else [])
+    caches = []
+    for kind in kinds:
+        key, spec = cache_key(fingerprint, data.identity, preprocess, positions, cfg.teacher.topk,
+                              cfg.loss.kd_temperature, kind)
+        if d.main and open_cache(root, key) is None:
+            build_cache(root, key, spec, teacher, data, tokenizer, cfg.data.max_text_len, progress=progress)
+        d.barrier()
+        cache = open_cache(root, key)
+        if cache is None:
+            raise RuntimeError(f"teacher cache {root / key} was not built")
+        caches.append(cache)
+    return _CachedTeacher(caches[0], caches[1] if len(caches) > 1 else None, tc.pad_token_id)
 
 
 def _losses(out: dict[str, torch.Tensor], labels: torch.Tensor, t: TeacherOutputs | None, cfg: TrainConfig,
@@ -260,6 +282,10 @@ def _losses(out: dict[str, torch.Tensor], labels: torch.Tensor, t: TeacherOutput
         mask = labels != pad_id
         local_mean("caption_kd", *caption_kd_loss(out["log_probs_kd"], vocab, t.topk_ids, t.topk_log_probs, mask,
                                                   lc.kd_temperature))
+    if lc.caption_seq_kd > 0:
+        gen_labels = t.gen_text[:, 1:]
+        local_mean("caption_seq_kd", *caption_kd_loss(out["log_probs_seq_kd"], vocab, t.gen_topk_ids,
+                                                      t.gen_topk_log_probs, gen_labels != pad_id, lc.kd_temperature))
     logs["loss"] = sum(getattr(lc, k) * v for k, v in logs.items() if k in LOSS_TERMS)
     return total, logs
 
@@ -284,6 +310,37 @@ def _export(model: CoCa, path: Path, dtype: str) -> Path:
     return path
 
 
+class _MetricsLog:
+    """Rank 0's metrics: JSONL always, TensorBoard scalars when ``tensorboard: true``."""
+
+    def __init__(self, path: Path, start_step: int, tensorboard: bool):
+        self.path = path
+        _truncate_metrics(path, start_step)
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise TrainConfigError("tensorboard: true needs the tensorboard package "
+                                       "(pip install \"coca-edge[tensorboard]\")") from None
+            # purge_step drops events a killed run wrote after the checkpoint it resumes from
+            self.writer = SummaryWriter(str(path.parent / "tensorboard"), purge_step=start_step or None)
+
+    def write(self, row: dict[str, Any], prefix: str = "train") -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            values = row.get("eval", row)
+            for key, value in values.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(f"{prefix}/{key}", value, row["step"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
@@ -299,8 +356,11 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
     """
     from tqdm import tqdm
 
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise TrainConfigError("tensorboard: true needs the tensorboard package (pip install \"coca-edge[tensorboard]\")")
     started = time.time()
     d = _Dist()
+    metrics: _MetricsLog | None = None
     try:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -335,7 +395,9 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         if cfg.loss.feature > 0:
             torch.manual_seed(cfg.seed + 1)
             projector = FeatureProjector(model_cfg.embed_dim, teacher.config.embed_dim).to(d.device)
-        student = StudentForward(model, vocab, projector, cfg.loss.kd_temperature if cfg.loss.caption_kd > 0 else None)
+        student = StudentForward(model, vocab, projector,
+                                 cfg.loss.kd_temperature if cfg.loss.caption_kd > 0 else None,
+                                 cfg.loss.kd_temperature if cfg.loss.caption_seq_kd > 0 else None)
         optimizer = torch.optim.AdamW(_param_groups(student, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                       betas=cfg.optim.betas, eps=cfg.optim.eps)
         start_step = 0
@@ -355,9 +417,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         teacher_source = None
         if cfg.loss.uses_teacher:
             teacher_source = _teacher_source(cfg, teacher, data, tokenizer, model_cfg, d, progress)
-        metrics_path = out_dir / "metrics.jsonl"
-        if d.main:
-            _truncate_metrics(metrics_path, start_step)
+        metrics = _MetricsLog(out_dir / "metrics.jsonl", start_step, cfg.tensorboard) if d.main else None
         sampler = StepSampler(len(data), global_batch, cfg.seed)
         freeze_steps = math.ceil(cfg.freeze_visual_epochs * len(data) / global_batch)
         evaluator = None
@@ -393,8 +453,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
                 evaluator = Evaluator(model_cfg.vision.image_size, cfg.eval.split, cfg.eval.n, cfg.eval.captions,
                                       seed=cfg.data.seed)
             result = evaluator(model)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps({"step": step_done, "eval": result}) + "\n")
+            metrics.write({"step": step_done, "eval": result}, prefix="eval")
             return result
 
         while step < cfg.steps:
@@ -415,13 +474,13 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
                 batch = make_batch(data, indices, tokenizer, model_cfg, cfg.data.max_text_len)
                 t_out = teacher_source(batch, indices) if teacher_source is not None else None
                 if t_out is not None:
-                    t_out = TeacherOutputs(*(x.to(d.device) for x in (t_out.image, t_out.text, t_out.logit_scale,
-                                                                       t_out.topk_ids, t_out.topk_log_probs)))
+                    t_out = t_out.to(d.device)
+                generated = t_out.gen_text if (t_out is not None and cfg.loss.caption_seq_kd > 0) else None
                 last = micro == cfg.grad_accum - 1
                 sync = wrapped.no_sync() if (d.world > 1 and not last) else _null()
                 with sync:
                     with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                        out = wrapped(batch.pixels.to(d.device), batch.text.to(d.device))
+                        out = wrapped(batch.pixels.to(d.device), batch.text.to(d.device), generated)
                     labels = batch.text[:, 1:].to(d.device)
                     total, logs = _losses(out, labels, t_out, cfg, vocab, pad_id, d)
                     (total / cfg.grad_accum).backward()
@@ -444,8 +503,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
                        **{k: round(v, 6) for k, v in logs_acc.items()}, "samples_per_s": round(rate, 1),
                        "elapsed_s": round(now - started, 1), "frozen_visual": frozen}
                 if d.main:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(row) + "\n")
+                    metrics.write(row)
                     bar.set_postfix(loss=f"{logs_acc['loss']:.4f}", samples_s=f"{rate:.0f}")
                 window_samples, window_start = 0, now
             bar.update(1)
@@ -470,6 +528,8 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         d.barrier()
         return TrainResult(out_dir, final_dir, step, params, last_eval, time.time() - started)
     finally:
+        if metrics is not None:
+            metrics.close()
         d.close()
 
 

@@ -3,20 +3,21 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 import torch
 
-from coca_edge.distill.cache import build_cache, cache_key, open_cache, teacher_fingerprint
+from coca_edge.distill.cache import CacheError, build_cache, cache_key, open_cache, teacher_fingerprint
 from coca_edge.distill.config import DataConfig
 from coca_edge.distill.data import make_batch, open_train_data
-from coca_edge.distill.forward import teacher_outputs
+from coca_edge.distill.forward import teacher_generated, teacher_outputs
 from coca_edge.tokenizer import Tokenizer
 
 MAX_LEN = 20
 
 
-def _spec(model, data, topk=5, temperature=2.0):
+def _spec(model, data, topk=5, temperature=2.0, kind="targets"):
     pre = {"image_size": model.config.vision.image_size}
-    return cache_key(teacher_fingerprint(model), data.identity, pre, MAX_LEN, topk, temperature)
+    return cache_key(teacher_fingerprint(model), data.identity, pre, MAX_LEN, topk, temperature, kind)
 
 
 def test_cache_equals_live_teacher(tmp_path, tiny_config, tiny_model):
@@ -54,3 +55,22 @@ def test_interrupted_build_is_not_used(tmp_path, tiny_config, tiny_model):
     (cache.path / "meta.json").unlink()  # what a build killed before its last write leaves
     assert open_cache(tmp_path, key) is None
     shutil.rmtree(cache.path)
+
+
+def test_generated_cache_equals_live_generation(tmp_path, tiny_config, tiny_model):
+    data = open_train_data(DataConfig(train_size=7, max_text_len=MAX_LEN), tiny_config)
+    tok = Tokenizer()
+    key, spec = _spec(tiny_model, data, kind="generated")
+    assert key != _spec(tiny_model, data)[0]  # its own directory: the targets cache is not rebuilt
+    cache = build_cache(tmp_path, key, spec, tiny_model, data, tok, MAX_LEN, batch_size=3, progress=False)
+    assert cache.kind == "generated" and len(cache) == 7
+    with pytest.raises(CacheError, match="'generated' cache"):
+        cache.lookup(["x"])
+    batch = make_batch(data, [5, 0], tok, tiny_config, MAX_LEN)
+    gen, ids, lps = teacher_generated(tiny_model, batch.pixels, MAX_LEN, 5, 2.0)
+    rows = cache.rows(batch.ids)
+    assert torch.equal(rows["gen_text"].long(), gen)
+    mask = gen[:, 1:] != 0
+    assert torch.equal(rows["gen_topk_ids"].long()[mask], ids[mask])
+    # batch composition only: observed ~1e-6
+    torch.testing.assert_close(rows["gen_topk_log_probs"][mask], lps[mask], atol=1e-4, rtol=0)

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from coca_edge.distill.config import TrainConfig
-from coca_edge.distill.forward import StudentForward, decoder_hidden, teacher_outputs, text_forward
+from coca_edge.distill.forward import (StudentForward, decoder_hidden, teacher_generated, teacher_outputs,
+                                      text_forward)
 from coca_edge.distill.losses import FeatureProjector, VocabSubset, caption_loss
 from coca_edge.distill.trainer import _Dist, _losses
 from coca_edge.models import CoCa
@@ -38,14 +39,19 @@ def _run(student_model, teacher_model, batch, cfg, vocab=None):
     pixels, text = batch
     vocab = vocab or VocabSubset(None, student_model.config.vocab_size)
     projector = FeatureProjector(student_model.config.embed_dim, teacher_model.config.embed_dim) if cfg.loss.feature else None
-    fwd = StudentForward(student_model, vocab, projector, cfg.loss.kd_temperature if cfg.loss.caption_kd else None)
-    t = teacher_outputs(teacher_model, pixels, text, cfg.teacher.topk, cfg.loss.kd_temperature, PAD)
-    out = fwd(pixels, text)
+    temperature = cfg.loss.kd_temperature
+    fwd = StudentForward(student_model, vocab, projector, temperature if cfg.loss.caption_kd else None,
+                         temperature if cfg.loss.caption_seq_kd else None)
+    t = teacher_outputs(teacher_model, pixels, text, cfg.teacher.topk, temperature, PAD)
+    if cfg.loss.caption_seq_kd:
+        t = t.with_generated(*teacher_generated(teacher_model, pixels, text.shape[1] - 1, cfg.teacher.topk,
+                                                temperature), PAD)
+    out = fwd(pixels, text, t.gen_text)
     total, logs = _losses(out, text[:, 1:], t, cfg, vocab, PAD, _Dist())
     return total, logs, fwd
 
 
-@pytest.mark.parametrize("term", ["affinity", "feature", "caption_kd"])
+@pytest.mark.parametrize("term", ["affinity", "feature", "caption_kd", "caption_seq_kd"])
 def test_kd_term_zero_when_student_is_teacher(tiny_model, batch, term):
     total, logs, _ = _run(tiny_model, copy.deepcopy(tiny_model), batch, _cfg(**{term: 1.0}))
     # fp32 round-off of identical computations: observed <= 1e-6
@@ -53,7 +59,7 @@ def test_kd_term_zero_when_student_is_teacher(tiny_model, batch, term):
     assert abs(float(total.detach())) < 1e-5
 
 
-@pytest.mark.parametrize("term", ["affinity", "feature", "caption_kd"])
+@pytest.mark.parametrize("term", ["affinity", "feature", "caption_kd", "caption_seq_kd"])
 def test_kd_term_positive_otherwise(tiny_config, tiny_model, batch, term):
     torch.manual_seed(7)
     other = CoCa(tiny_config)
@@ -66,6 +72,8 @@ _REACHES = {
     "affinity": (["logit_scale", "visual.proj", "text.proj"], ["decoder.head"]),
     "feature": (["visual.proj", "text.proj", "visual.blocks.0.attn.qkv.weight"], ["decoder.head", "logit_scale"]),
     "caption_kd": (["decoder.head", "decoder.cross.0.q.weight", "text.blocks.0.attn.qkv.weight"], ["visual.proj", "text.proj", "logit_scale"]),
+    "caption_seq_kd": (["decoder.head", "decoder.cross.0.q.weight", "text.blocks.0.attn.qkv.weight",
+                        "visual.pool.query"], ["visual.proj", "text.proj", "logit_scale"]),
     "contrastive": (["logit_scale", "visual.proj", "text.proj"], ["decoder.head"]),
     "caption": (["decoder.head", "visual.pool.query"], ["visual.proj", "text.proj", "logit_scale"]),
 }
@@ -149,3 +157,25 @@ def test_teacher_topk_with_zero_head_columns_is_exact(tiny_model, batch):
     # fp32 log-softmax over 49408 columns vs over the used ones: observed relative error 1.3e-5
     torch.testing.assert_close(values, ref_values, atol=1e-6, rtol=3e-5)
     torch.testing.assert_close(full.gather(-1, ids), values, atol=1e-6, rtol=3e-5)
+
+
+def test_generated_targets_follow_the_teachers_own_greedy_caption(tiny_model, batch):
+    """Sequence-level KD targets: the top-1 of the teacher-forced distribution along the
+    generated caption is the token greedy decoding chose (cached decode == full forward)."""
+    pixels, _ = batch
+    gen, ids, lps = teacher_generated(tiny_model, pixels, 12, 4, 2.0)
+    assert gen.shape == (4, 13) and ids.shape == (4, 12, 4)
+    labels = gen[:, 1:]
+    mask = labels != PAD
+    assert mask[:, 0].all()
+    assert torch.equal(ids[..., 0][mask], labels[mask])
+    assert (lps[..., 0][mask] >= lps[..., 1][mask]).all()
+    # positions after a caption's end token carry no target
+    assert torch.equal(lps[~mask], torch.full_like(lps[~mask], -30.0))
+
+
+def test_seq_kd_needs_generated_captions_switched_on(tiny_model, batch):
+    pixels, text = batch
+    fwd = StudentForward(tiny_model, VocabSubset(None, tiny_model.config.vocab_size), None, None, None)
+    with pytest.raises(ValueError, match="sequence-level KD is off"):
+        fwd(pixels, text, text)
