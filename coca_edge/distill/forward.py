@@ -95,12 +95,12 @@ class TeacherOutputs:
     gen_topk_log_probs: torch.Tensor | None = None  # float32 [B, G, k]
 
     def positions(self, n: int) -> "TeacherOutputs":
-        """The first ``n`` caption positions (the batch's trimmed length); the generated
-        captions are trimmed to their own longest."""
+        """The first ``n`` caption positions (the batch's trimmed length)."""
         return dataclasses.replace(self, topk_ids=self.topk_ids[:, :n], topk_log_probs=self.topk_log_probs[:, :n])
 
     def with_generated(self, gen_text: torch.Tensor, gen_topk_ids: torch.Tensor, gen_topk_log_probs: torch.Tensor,
                        pad_id: int) -> "TeacherOutputs":
+        """These outputs plus sequence-level KD targets, trimmed to the batch's longest caption."""
         gen_text = trim(gen_text.long(), pad_id)
         g = gen_text.shape[1] - 1
         return dataclasses.replace(self, gen_text=gen_text, gen_topk_ids=gen_topk_ids[:, :g].long(),
@@ -136,10 +136,11 @@ EMPTY_LOG_PROB = -30.0
 
 @torch.no_grad()
 def teacher_outputs(teacher: CoCa, pixels: torch.Tensor, text: torch.Tensor, topk: int, temperature: float,
-                    pad_id: int) -> TeacherOutputs:
+                    pad_id: int, image: tuple[torch.Tensor, torch.Tensor] | None = None) -> TeacherOutputs:
     """Teacher embeddings and top-k next-token log-probabilities over the full vocabulary,
-    computed only at positions that predict a real token (bounded memory)."""
-    image_embed, image_tokens = teacher.encode_image(pixels)
+    computed only at positions that predict a real token (bounded memory). ``image``:
+    ``teacher.encode_image(pixels)`` when the caller already has it."""
+    image_embed, image_tokens = image if image is not None else teacher.encode_image(pixels)
     text_embed, states = text_forward(teacher, text)
     hidden = decoder_hidden(teacher, states[:, :-1], teacher.decoder.cross_kv(image_tokens))
     labels = text[:, 1:]
@@ -155,18 +156,22 @@ def teacher_outputs(teacher: CoCa, pixels: torch.Tensor, text: torch.Tensor, top
 
 
 @torch.no_grad()
-def teacher_generated(teacher: CoCa, pixels: torch.Tensor, positions: int, topk: int, temperature: float
+def teacher_generated(teacher: CoCa, pixels: torch.Tensor, positions: int, topk: int, temperature: float,
+                      image: tuple[torch.Tensor, torch.Tensor] | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sequence-level KD targets: the teacher's greedy caption of each image (KV-cached, at
     most ``positions`` new tokens, ``[B, positions + 1]`` with the start token, pad after the
-    end token) and its top-k next-token log-probabilities along that caption."""
+    end token) and its top-k next-token log-probabilities along that caption. The image is
+    encoded once for both (or ``image`` is used)."""
     from ..models.generate import greedy_generate
 
     cfg = teacher.config
-    gen = greedy_generate(teacher, pixels, max_new_tokens=positions)
+    if image is None:
+        image = teacher.encode_image(pixels)
+    gen = greedy_generate(teacher, pixels, max_new_tokens=positions, image_tokens=image[1])
     if gen.shape[1] < positions + 1:
         pad = torch.full((gen.shape[0], positions + 1 - gen.shape[1]), cfg.pad_token_id, dtype=gen.dtype,
                          device=gen.device)
         gen = torch.cat([gen, pad], dim=1)
-    out = teacher_outputs(teacher, pixels, gen, topk, temperature, cfg.pad_token_id)
+    out = teacher_outputs(teacher, pixels, gen, topk, temperature, cfg.pad_token_id, image)
     return gen, out.topk_ids, out.topk_log_probs

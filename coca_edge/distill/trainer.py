@@ -197,11 +197,14 @@ class _LiveTeacher:
         device = next(self.teacher.parameters()).device
         pixels = pixels.to(device)
         pad = self.teacher.config.pad_token_id
+        with torch.no_grad():
+            image = self.teacher.encode_image(pixels)  # once for both kinds of targets
         out = teacher_outputs(self.teacher, pixels, batch.text.to(device), self.cfg.teacher.topk,
-                              self.cfg.loss.kd_temperature, pad)
+                              self.cfg.loss.kd_temperature, pad, image)
         if self.cfg.loss.caption_seq_kd > 0:
             out = out.with_generated(*teacher_generated(self.teacher, pixels, _positions(self.teacher.config, self.cfg),
-                                                        self.cfg.teacher.topk, self.cfg.loss.kd_temperature), pad)
+                                                        self.cfg.teacher.topk, self.cfg.loss.kd_temperature, image),
+                                     pad)
         return out
 
 
@@ -317,12 +320,9 @@ class _MetricsLog:
         self.path = path
         _truncate_metrics(path, start_step)
         self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise TrainConfigError("tensorboard: true needs the tensorboard package "
-                                       "(pip install \"coca-edge[tensorboard]\")") from None
+        if tensorboard:  # presence checked at the start of ``train``
+            from torch.utils.tensorboard import SummaryWriter
+
             # purge_step drops events a killed run wrote after the checkpoint it resumes from
             self.writer = SummaryWriter(str(path.parent / "tensorboard"), purge_step=start_step or None)
 
@@ -475,7 +475,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
                 t_out = teacher_source(batch, indices) if teacher_source is not None else None
                 if t_out is not None:
                     t_out = t_out.to(d.device)
-                generated = t_out.gen_text if (t_out is not None and cfg.loss.caption_seq_kd > 0) else None
+                generated = t_out.gen_text if t_out is not None else None  # set only with caption_seq_kd
                 last = micro == cfg.grad_accum - 1
                 sync = wrapped.no_sync() if (d.world > 1 and not last) else _null()
                 with sync:

@@ -14,19 +14,21 @@ __all__ = ["greedy_generate", "beam_search"]
 
 @torch.no_grad()
 def greedy_generate(model: CoCa, pixels: torch.Tensor, max_new_tokens: int = 20, min_new_tokens: int = 0,
-                    use_cache: bool = True) -> torch.Tensor:
+                    use_cache: bool = True, image_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Return ``[B, 1 + n]`` ids: the start token, then greedy tokens, pad after each row's end token.
 
     ``min_new_tokens`` forbids the end token for the first tokens (open_clip's
     ``min_seq_len=5`` equals ``min_new_tokens=4``). ``use_cache=False`` re-runs the whole
-    prefix every step, as open_clip's ``generate`` does.
+    prefix every step, as open_clip's ``generate`` does. ``image_tokens``: the output of
+    ``model.encode_image(pixels)[1]`` when the caller already has it.
     """
     cfg = model.config
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if 1 + max_new_tokens > cfg.context_length:
         raise ValueError(f"1 + max_new_tokens ({1 + max_new_tokens}) exceeds the context length {cfg.context_length}")
-    _, image_tokens = model.encode_image(pixels)
+    if image_tokens is None:
+        _, image_tokens = model.encode_image(pixels)
     b = pixels.shape[0]
     out = torch.full((b, 1), cfg.sot_token_id, dtype=torch.long, device=pixels.device)
     done = torch.zeros(b, dtype=torch.bool, device=pixels.device)
