@@ -1,8 +1,8 @@
 """Levers for the batch-8 caption time, each measured against what ships (not a test).
 
-    python benchmarks/decode_levers.py [--sections steps,cross,matmul,spinning] [--threads 2]
+    python benchmarks/decode_levers.py [--sections steps,crosskv,cross,matmul,spinning] [--threads 2]
 
-Four comparisons on ``coca_ViT-B-32`` (random weights), ORT CPU FP32, medians of
+Five comparisons on ``coca_ViT-B-32`` (random weights), ORT CPU FP32, medians of
 interleaved blocks, each printed as a ratio against the shipped choice:
 
 * ``steps``: the whole decode step (batch 1 and 8, 15 cached tokens) for three decoder
@@ -12,16 +12,23 @@ interleaved blocks, each printed as a ratio against the shipped choice:
   per-layer K/V - no ``cross_kv`` graph at all); and a *pre-allocated cache* (per-layer
   buffers of a fixed length fed in place, a ``past_length`` input masks the unfilled slots,
   the graph returns only the new K/V - no copy of the cache per step).
+* ``crosskv``: the cross-K/V graph as shipped (all layers as one broadcast MatMul, the
+  LayerNorm computed once with each layer's scale and shift folded into its weights, the
+  output already in its layout) against the model's own per-layer form (LayerNorm, MatMul,
+  Transpose per layer, then a Concat).
 * ``cross``: cross-attention alone (12 layers, batch 8, 255 image tokens) in six
   formulations, including ONNX Runtime's contrib ``MultiHeadAttention``.
 * ``matmul``: the weight matmuls alone (50 MLP blocks 512-2048-512) as ``MatMul`` (shipped),
   ``Gemm(transB=1)`` and with transposed activations, at M = 1 and 8.
-* ``spinning``: end-to-end batch-8 captioning (30 tokens forced) with ORT's worker threads
-  spinning between runs (the default) or not.
+* ``spinning``: end-to-end captioning (batch 1 and 8, 30 tokens forced) with ORT's worker
+  threads spinning during a run and stopping when it returns (shipped), spinning on after
+  a run (ORT's default: the workers of one graph's session keep spinning while the next
+  graph runs), or not spinning at all.
 
-Sessions in the first three sections run alternately, so their thread spinning is off: a
-spinning worker of the idle session otherwise takes a core from the running one (seen:
-the same batch-8 step at 61 ms instead of 37 ms). Writes benchmarks/results/decode_levers.json.
+Sessions in the first three sections run alternately; as shipped, their workers spin during
+a run and stop when it returns. With ORT's default (keep spinning) a worker of the idle
+session takes a core from the running one (seen: the same batch-8 step at 61 ms instead of
+37 ms). Writes benchmarks/results/decode_levers.json.
 """
 from __future__ import annotations
 
@@ -35,13 +42,17 @@ from pathlib import Path
 import numpy as np
 
 
-def _session(model, threads: int, spin: bool = False):
+def _session(model, threads: int, spin: str = "stop"):
+    """``spin``: "off" (no spinning), "on" (ORT's default) or "stop" (spin during a run, stop when it returns)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    if spin == "stop":
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+    else:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin == "on" else "0")
     source = str(model) if isinstance(model, Path) else model
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
@@ -250,6 +261,43 @@ def section_steps(args, tmp: Path) -> dict:
     return results
 
 
+# -- section 1b: the cross-K/V graph ---------------------------------------------------
+def section_crosskv(args, tmp: Path) -> dict:
+    import torch
+
+    from coca_edge.exporters.onnx import _export_one, _export_patches, _finalize
+    from coca_edge.exporters.specs import GraphSpec, _ModelCrossKV, get_spec
+    from coca_edge.models import CoCa, get_preset
+
+    torch.manual_seed(args.seed)
+    config = get_preset(args.preset)
+    model = CoCa(config).eval()
+    with torch.no_grad():  # non-trivial LayerNorm and bias parameters, so the folding is exercised
+        for blk in model.decoder.cross:
+            blk.ln_1_kv.weight.uniform_(0.5, 1.5), blk.ln_1_kv.bias.normal_(0, 0.1), blk.kv.bias.normal_(0, 0.1)
+    shipped = get_spec(config, "cross_kv")
+    specs = {"one broadcast MatMul (shipped)": shipped,
+             "per layer: LayerNorm, MatMul, Transpose; Concat": GraphSpec("cross_per_layer", shipped.inputs,
+                                                                          shipped.outputs, _ModelCrossKV)}
+    tokens = torch.randn(8, config.vision.num_image_tokens, config.embed_dim, generator=torch.Generator().manual_seed(2))
+    sessions = {}
+    for label, spec in specs.items():
+        with _export_patches(), torch.no_grad():
+            _export_one(spec.build(model).eval(), spec, {"image_tokens": tokens[:2]}, tmp / f"{spec.name}-raw.onnx",
+                        18, "dynamo")
+        _finalize(tmp / f"{spec.name}-raw.onnx", tmp / f"{spec.name}.onnx")
+        sessions[label] = _session(tmp / f"{spec.name}.onnx", args.threads)
+    results = {}
+    for b in (1, 8):
+        feed = {"image_tokens": tokens[:b].numpy()}
+        ref = sessions[next(iter(specs))].run(None, feed)[0]
+        notes = {k: f"max |diff| vs shipped {np.abs(s.run(None, feed)[0] - ref).max():.1e}" for k, s in sessions.items()}
+        med = _interleaved({k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}, inner=2)
+        _table(f"cross K/V graph, batch {b}", med, next(iter(specs)), notes)
+        results[f"batch {b}"] = {"median_s": med}
+    return results
+
+
 # -- section 2: cross-attention formulations ----------------------------------------------
 def _cross_graph(kind: str, b: int, h: int, n: int, d: int, layers: int, rng) -> bytes:
     from onnx import TensorProto as TP
@@ -423,21 +471,25 @@ def section_spinning(args, tmp: Path) -> dict:
         export_bundle(CoCa(get_preset(args.preset)).eval(), bundle, progress=False,
                       source_model={"preset": args.preset, "weights": f"random(seed={args.seed})"})
     runtimes = {}
-    for label, spin in (("spinning on (ORT default, shipped)", True), ("spinning off", False)):
+    for label, spin in (("spin, stop when a run returns (shipped)", "stop"), ("spin, keep spinning (ORT default)", "on"),
+                        ("no spinning", "off")):
         rt = EdgeCoCa.load(bundle, threads=args.threads, verify_hashes=False)
         for runner in rt.runners.values():
             runner.session = _session(runner.path, args.threads, spin=spin)
         runtimes[label] = rt
     size = next(iter(runtimes.values())).image_size
-    pixels = np.clip(np.random.default_rng(8).standard_normal((8, 3, size, size), np.float32), -2, 2)
-    fns = {label: (lambda rt=rt: rt.caption_ids(pixels, max_new_tokens=30, min_new_tokens=30, batch_size=8))
-           for label, rt in runtimes.items()}
-    med = _interleaved(fns, rounds=5, inner=1)
-    _table("end-to-end captioning, batch 8, 30 tokens forced (seconds shown in ms)", med, next(iter(med)))
-    return {"median_s": med}
+    results = {}
+    for b in (1, 8):
+        pixels = np.clip(np.random.default_rng(b).standard_normal((b, 3, size, size), np.float32), -2, 2)
+        fns = {label: (lambda rt=rt: rt.caption_ids(pixels, max_new_tokens=30, min_new_tokens=30, batch_size=b))
+               for label, rt in runtimes.items()}
+        med = _interleaved(fns, rounds=7 if b == 1 else 5, inner=1)
+        _table(f"end-to-end captioning, batch {b}, 30 tokens forced", med, next(iter(med)))
+        results[f"batch {b}"] = {"median_s": med}
+    return results
 
 
-SECTIONS = {"steps": section_steps, "cross": section_cross, "matmul": section_matmul, "spinning": section_spinning}
+SECTIONS = {"steps": section_steps, "crosskv": section_crosskv, "cross": section_cross, "matmul": section_matmul, "spinning": section_spinning}
 
 
 def main() -> None:

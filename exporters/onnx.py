@@ -206,7 +206,7 @@ def validate_graph(path: Path, spec: GraphSpec, model: CoCa,
                    cases: Iterable[tuple[int, int, int]] | None = None) -> list[dict]:
     """Run the graph in ORT on ``cases`` and compare with PyTorch; raise on the first mismatch."""
     session = _session(path)
-    module = spec.build(model).eval()
+    module = spec.reference_module(model).eval()
     report = []
     for batch, seq, past in cases or VALIDATION_CASES[spec.name]:
         case = f"batch={batch}, seq={seq}, past={past}"

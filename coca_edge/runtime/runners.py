@@ -1,8 +1,8 @@
 """Runners: ``run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]``.
 
-Generation, comparison and calibration are written once against this protocol. The ONNX
-Runtime runner lives here (torch-free); the PyTorch reference runner is in
-``coca_edge.exporters.torch_runner`` and a TensorRT one in ``coca_edge.exporters.tensorrt``.
+Generation is written once against this protocol. The ONNX Runtime runner lives here
+(torch-free); another backend (TensorRT, a PyTorch reference) plugs in by implementing the
+same ``run``.
 """
 from __future__ import annotations
 
@@ -55,6 +55,11 @@ class OrtRunner:
                   "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                   "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
         options.graph_optimization_level = levels[optimization]
+        # Worker threads stop spinning when a run returns. A bundle runs several sessions in turn
+        # (image encoder, cross K/V, then the decoder loop) and on a small CPU the previous
+        # session's spinning workers take cores from the next one: captioning measured 5-12%
+        # faster with this (docs/export.md, benchmarks/decode_levers.py --sections spinning).
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         if threads:
             options.intra_op_num_threads = threads
         providers = list(providers) if providers else default_providers()

@@ -111,3 +111,28 @@ def test_mismatch_raises_typed_error(tiny_bundle):
                                                  r"past=0\): max-abs error .* exceeds tolerance 5e-05") as info:
         validate_graph(path / "text_encoder.onnx", spec, other)
     assert info.value.graph == "text_encoder" and info.value.max_error > info.value.tolerance
+
+
+def test_cross_kv_graph_folds_layernorm_and_bias(tmp_path):
+    """The exported cross K/V folds each layer's LayerNorm scale/shift and K/V bias into one
+    broadcast MatMul; random init leaves those at 1 / 0, so perturb them to exercise the fold."""
+    from coca_edge.exporters.onnx import export_onnx
+    from coca_edge.exporters.specs import _CrossKVProjection
+
+    torch.manual_seed(0)
+    model = CoCa(get_preset("test-tiny")).eval()
+    with torch.no_grad():
+        for blk in model.decoder.cross:
+            blk.ln_1_kv.weight.uniform_(0.5, 1.5)
+            blk.ln_1_kv.bias.normal_(0, 0.3)
+            blk.kv.bias.normal_(0, 0.3)
+        tokens = torch.randn(3, model.config.vision.num_image_tokens, model.config.embed_dim)
+        expected = model.cross_kv(tokens)
+        folded = _CrossKVProjection(model)(tokens)
+    assert folded.shape == expected.shape
+    assert torch.allclose(folded, expected, atol=1e-5), (folded - expected).abs().max()
+    # export validation compares the graphs with the model's own cross_kv, not the folded module
+    for fuse, graph in ((False, "cross_kv"), (True, "image_encoder")):
+        result = export_onnx(model, tmp_path / graph, graphs=(graph,), fuse_cross_kv=fuse, progress=False)
+        checked = [r for r in result[graph]["validation"] if r["output"] == "cross_kv"]
+        assert checked and all(r["max_abs"] <= r["tolerance"] for r in checked)

@@ -204,3 +204,10 @@ def test_cli_export_refuses_to_overwrite(tmp_path, capsys):
     assert (tmp_path / "out" / "keep.txt").read_text() == "user data"
     assert main(["export", "no-such-model", "--out", str(tmp_path / "o2")]) == 1
     assert "not a preset" in capsys.readouterr().err
+
+
+def test_sessions_stop_spinning_after_each_run(runtime):
+    # several sessions run in turn; spinning workers of the last one would take cores from the next
+    for name, runner in runtime.runners.items():
+        options = runner.session.get_session_options()
+        assert options.get_session_config_entry("session.force_spinning_stop") == "1", name
