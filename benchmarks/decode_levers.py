@@ -77,13 +77,26 @@ def _table(title: str, medians: dict[str, float], reference: str, extra: dict[st
         print(f"  {name:<44}{t * 1e3:8.2f} ms   {medians[reference] / t:5.2f}x of shipped{note}")
 
 
+def _export(spec, model, dummy: dict, tmp: Path, threads: int):
+    """Export ``spec``'s module of ``model`` (dynamo, opset 18) into ``tmp`` and open a session."""
+    import torch
+
+    from coca_edge.exporters.onnx import _export_one, _export_patches, _finalize
+
+    raw, path = tmp / f"{spec.name}-raw.onnx", tmp / f"{spec.name}.onnx"
+    with _export_patches(), torch.no_grad():
+        _export_one(spec.build(model).eval(), spec, dummy, raw, 18, "dynamo")
+    _finalize(raw, path)
+    return _session(path, threads)
+
+
 # -- section 1: whole decode-step variants ------------------------------------------------
 def _variant_modules():
     import torch
     import torch.nn.functional as F
     from torch import nn
 
-    from coca_edge.models.coca import _merge_heads
+    from coca_edge.models.coca import _merge_heads, _step_mask
 
     class Absorbed(nn.Module):
         """Cross-attention with K/V projections absorbed (exact: the dropped terms are constant
@@ -111,7 +124,7 @@ def _variant_modules():
             bsz, s, e = x.shape
             h = self.ak.shape[1]
             d = e // h
-            mask = torch.ones(s, past_decoder.shape[4] + s, dtype=torch.bool).tril(past_decoder.shape[4])
+            mask = _step_mask(past_decoder.shape[4], s, x.device)
             present = []
             for i, (blk, xb) in enumerate(zip(m.decoder.blocks, m.decoder.cross)):
                 x, k, v = blk(x, mask=mask, past=past_decoder[i])
@@ -173,7 +186,6 @@ def section_steps(args, tmp: Path) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from coca_edge.exporters.onnx import _export_one, _export_patches, _finalize
     from coca_edge.exporters.specs import GraphSpec, TensorSpec, cross_input_names, get_spec, split_cross
     from coca_edge.models import CoCa, get_preset
 
@@ -233,16 +245,12 @@ def section_steps(args, tmp: Path) -> dict:
     }
     sessions = {}
     for label, spec in specs.items():
-        path = tmp / f"{spec.name}.onnx"
         print(f"exporting {label} ...", flush=True)
         # (np.ascontiguousarray would turn the 0-d past_length into 1-d)
         dummy = {k: torch.from_numpy(v.copy() if v.ndim == 0 else np.ascontiguousarray(v[:, :, :2] if v.ndim == 6 else v[:2]))
                  for k, v in feeds[label].items()}
         dummy["input_ids"] = torch.from_numpy(ids[:2]).repeat(1, 3)
-        with _export_patches(), torch.no_grad():
-            _export_one(spec.build(model).eval(), spec, dummy, tmp / f"{spec.name}-raw.onnx", 18, "dynamo")
-        _finalize(tmp / f"{spec.name}-raw.onnx", path)
-        sessions[label] = _session(path, args.threads)
+        sessions[label] = _export(spec, model, dummy, tmp, args.threads)
     shipped = next(iter(specs))
     reference = sessions[shipped].run(["logits"], feeds[shipped])[0]
     results = {}
@@ -265,7 +273,6 @@ def section_steps(args, tmp: Path) -> dict:
 def section_crosskv(args, tmp: Path) -> dict:
     import torch
 
-    from coca_edge.exporters.onnx import _export_one, _export_patches, _finalize
     from coca_edge.exporters.specs import GraphSpec, _ModelCrossKV, get_spec
     from coca_edge.models import CoCa, get_preset
 
@@ -280,13 +287,8 @@ def section_crosskv(args, tmp: Path) -> dict:
              "per layer: LayerNorm, MatMul, Transpose; Concat": GraphSpec("cross_per_layer", shipped.inputs,
                                                                           shipped.outputs, _ModelCrossKV)}
     tokens = torch.randn(8, config.vision.num_image_tokens, config.embed_dim, generator=torch.Generator().manual_seed(2))
-    sessions = {}
-    for label, spec in specs.items():
-        with _export_patches(), torch.no_grad():
-            _export_one(spec.build(model).eval(), spec, {"image_tokens": tokens[:2]}, tmp / f"{spec.name}-raw.onnx",
-                        18, "dynamo")
-        _finalize(tmp / f"{spec.name}-raw.onnx", tmp / f"{spec.name}.onnx")
-        sessions[label] = _session(tmp / f"{spec.name}.onnx", args.threads)
+    sessions = {label: _export(spec, model, {"image_tokens": tokens[:2]}, tmp, args.threads)
+                for label, spec in specs.items()}
     results = {}
     for b in (1, 8):
         feed = {"image_tokens": tokens[:b].numpy()}
@@ -474,8 +476,9 @@ def section_spinning(args, tmp: Path) -> dict:
     for label, spin in (("spin, stop when a run returns (shipped)", "stop"), ("spin, keep spinning (ORT default)", "on"),
                         ("no spinning", "off")):
         rt = EdgeCoCa.load(bundle, threads=args.threads, verify_hashes=False)
-        for runner in rt.runners.values():
-            runner.session = _session(runner.path, args.threads, spin=spin)
+        if spin != "stop":  # "stop" is what OrtRunner sets: measure its sessions as they are
+            for runner in rt.runners.values():
+                runner.session = _session(runner.path, args.threads, spin=spin)
         runtimes[label] = rt
     size = next(iter(runtimes.values())).image_size
     results = {}
