@@ -16,7 +16,8 @@ __all__ = ["main", "build_parser"]
 
 # Modules that add subcommands through ``register(subparsers)``; missing optional
 # dependencies only disable their own commands.
-_STAGE_MODULES = ("coca_edge.data.cli", "coca_edge.train_cli", "coca_edge.exporters.cli", "coca_edge.runtime.cli")
+_STAGE_MODULES = ("coca_edge.data.cli", "coca_edge.distill.cli", "coca_edge.exporters.cli", "coca_edge.runtime.cli",
+                  "coca_edge.pipeline")
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -94,9 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, OSError) as err:
-        # Library errors are typed ValueError subclasses with messages written for users.
+        # Library errors are typed ValueError subclasses with messages written for users: bad
+        # input or usage, exit 2 (1 is reserved for "ran, and a gate / check failed").
         print(f"coca-edge {args.command}: error: {err}", file=sys.stderr)
-        return 1
+        return 2
 
 
 if __name__ == "__main__":

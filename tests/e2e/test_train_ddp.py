@@ -41,7 +41,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(CONFIG.format(teacher=_teacher(tmp_path)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = ["-m", "coca_edge.train_cli", "distill", str(config), "--no-progress", "--set", f"teacher.cache_dir={tmp_path / 'cache'}"]
+    args = ["-m", "coca_edge.distill.cli", "distill", str(config), "--no-progress", "--set", f"teacher.cache_dir={tmp_path / 'cache'}"]
     one = subprocess.run([sys.executable, *args, "--output-dir", str(tmp_path / "one")], env=env,
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr

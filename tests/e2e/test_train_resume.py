@@ -29,7 +29,7 @@ eval: {{at_end: false}}
 
 
 def _cmd(config: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "coca_edge.train_cli", "train", str(config), "--output-dir", str(out), "--no-progress", *extra]
+    return [sys.executable, "-m", "coca_edge.distill.cli", "train", str(config), "--output-dir", str(out), "--no-progress", *extra]
 
 
 def _env():

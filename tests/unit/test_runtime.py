@@ -190,7 +190,7 @@ def test_cli_caption_and_classify(tiny_bundle, tmp_path, capsys):
     assert main(["classify", str(path), str(tmp_path / "w.png"), "--labels", "cat,dog", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out[0]["label"] in ("cat", "dog") and abs(sum(p for _, p in out[0]["top"]) - 1) < 1e-5
-    assert main(["caption", str(tmp_path / "nope"), str(tmp_path / "w.png")]) == 1
+    assert main(["caption", str(tmp_path / "nope"), str(tmp_path / "w.png")]) == 2
     assert "bundle not found" in capsys.readouterr().err
 
 
@@ -199,10 +199,10 @@ def test_cli_export_refuses_to_overwrite(tmp_path, capsys):
 
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("user data")
-    assert main(["export", "test-tiny", "--out", str(tmp_path / "out")]) == 1
+    assert main(["export", "test-tiny", "--out", str(tmp_path / "out")]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert (tmp_path / "out" / "keep.txt").read_text() == "user data"
-    assert main(["export", "no-such-model", "--out", str(tmp_path / "o2")]) == 1
+    assert main(["export", "no-such-model", "--out", str(tmp_path / "o2")]) == 2
     assert "not a preset" in capsys.readouterr().err
 
 

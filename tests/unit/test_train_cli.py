@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from coca_edge.models import CoCa, CoCaConfig, get_preset
-from coca_edge.train_cli import main, register
+from coca_edge.distill.cli import main, register
 
 
 def _save(model, directory):

@@ -1,7 +1,7 @@
 """``coca-edge train`` and ``coca-edge distill`` subcommands.
 
-``coca_edge.cli`` calls :func:`register`; ``python -m coca_edge.train_cli`` runs them
-directly (what ``torchrun -m coca_edge.train_cli ...`` uses to scale out).
+``coca_edge.cli`` calls :func:`register`; ``python -m coca_edge.distill.cli`` runs them
+directly (what ``torchrun -m coca_edge.distill.cli ...`` uses to scale out).
 """
 from __future__ import annotations
 
@@ -46,11 +46,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .distill.checkpoint import CheckpointCorruptError, CheckpointSaveError
-    from .distill.config import TrainConfigError, load_config
-    from .distill.trainer import distill, train
-    from .models.config import ConfigError
-    from .models.openclip import CheckpointError
+    from .checkpoint import CheckpointCorruptError, CheckpointSaveError
+    from .config import TrainConfigError, load_config
+    from .trainer import distill, train
+    from ..models.config import ConfigError
+    from ..models.openclip import CheckpointError
 
     flags = {"output_dir": args.output_dir, "steps": args.steps, "init": args.init,
              "model": getattr(args, "model", None) or getattr(args, "student", None),
@@ -71,7 +71,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m coca_edge.train_cli")
+    parser = argparse.ArgumentParser(prog="python -m coca_edge.distill.cli")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)
