@@ -17,7 +17,31 @@ __all__ = ["main", "build_parser"]
 # Modules that add subcommands through ``register(subparsers)``; missing optional
 # dependencies only disable their own commands.
 _STAGE_MODULES = ("coca_edge.data.cli", "coca_edge.distill.cli", "coca_edge.exporters.cli", "coca_edge.runtime.cli",
-                  "coca_edge.pipeline")
+                  "coca_edge.pipeline", "coca_edge.exporters.trt_cli", "coca_edge.quantize.cli",
+                  "coca_edge.validate.cli")
+
+# The extra (pyproject.toml) that brings each optional top-level module the commands import.
+# A torch-free device install (`coca-edge[ort]`) runs bundles; everything else says what to add.
+_EXTRA_FOR = {"torch": "torch", "onnx": "torch", "onnxscript": "torch", "yaml": "torch", "tqdm": "torch",
+              "safetensors": "torch", "onnxruntime": "ort", "webdataset": "data", "matplotlib": "data",
+              "tensorboard": "tensorboard", "open_clip": "test", "torchvision": "test", "transformers": "test"}
+# The commands each stage module registers, so that a command whose module cannot be imported on
+# this install is still listed and explains itself instead of being an "invalid choice".
+_STAGE_COMMANDS = {"coca_edge.distill.cli": ("train", "distill"), "coca_edge.exporters.cli": ("export",),
+                   "coca_edge.runtime.cli": ("caption", "classify"), "coca_edge.pipeline": ("pipeline",),
+                   "coca_edge.quantize.cli": ("quantize",), "coca_edge.validate.cli": ("validate",),
+                   "coca_edge.exporters.trt_cli": ("build-engine",)}
+
+
+def _unavailable(command: str, err: ImportError) -> str | None:
+    """What to install for ``command`` when it failed to import ``err.name``; None if no extra brings it."""
+    missing = (getattr(err, "name", None) or "").split(".")[0]
+    extra = _EXTRA_FOR.get(missing)
+    if extra is None:
+        return None
+    hint = ' (or "coca-edge[cpu]" for the whole CPU toolkit)' if extra == "torch" else ""
+    return (f"coca-edge {command} needs {missing!r}, which this install does not have; it comes with the "
+            f"{extra!r} extra: pip install \"coca-edge[{extra}]\"{hint}")
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -72,19 +96,32 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--json", action="store_true", help="machine-readable output")
     models.add_argument("-v", "--verbose", action="store_true", help="also print each preset's description")
     models.set_defaults(func=_cmd_models)
+    parser.set_defaults(unavailable={})
     for module_name in _STAGE_MODULES:
         try:
             module = importlib.import_module(module_name)
         except ImportError as err:
-            if getattr(err, "name", "") and not err.name.startswith("coca_edge"):
-                continue  # an optional dependency of that stage is not installed
-            raise
+            if not getattr(err, "name", "") or err.name.startswith("coca_edge"):
+                raise
+            # An optional dependency of that stage is not installed: list its commands with the fix.
+            for command in _STAGE_COMMANDS.get(module_name, ()):
+                message = _unavailable(command, err) or f"coca-edge {command} cannot import {err.name!r}"
+                extra = _EXTRA_FOR.get(err.name.split(".")[0])
+                sub.add_parser(command, add_help=False, help=f"(not installed: needs coca-edge[{extra}])" if extra
+                               else f"(not installed: cannot import {err.name!r})")
+                parser.get_default("unavailable")[command] = message
+            continue
         module.register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command in parser.get_default("unavailable"):
+        print(parser.get_default("unavailable")[command], file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -94,6 +131,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as err:
+        message = _unavailable(args.command, err)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, OSError) as err:
         # Library errors are typed ValueError subclasses with messages written for users: bad
         # input or usage, exit 2 (1 is reserved for "ran, and a gate / check failed").

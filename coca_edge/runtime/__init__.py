@@ -6,7 +6,7 @@ regex; nothing here imports torch.
 from .bundle import Bundle, BundleError
 from .edge import Classification, EdgeCoCa, InputError
 from .generation import DecoderLayout, GenerationConfig, GenerationOutput, generate
-from .runners import OrtRunner, Runner, default_providers
+from .runners import MEMORY_PRESETS, MemoryConfig, OrtRunner, Runner, default_providers
 
 __all__ = [
     "Bundle",
@@ -17,6 +17,8 @@ __all__ = [
     "GenerationConfig",
     "GenerationOutput",
     "InputError",
+    "MEMORY_PRESETS",
+    "MemoryConfig",
     "OrtRunner",
     "Runner",
     "default_providers",

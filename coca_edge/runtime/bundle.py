@@ -12,18 +12,94 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BundleError", "Bundle", "write_manifest", "sha256_file", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["BundleError", "Bundle", "write_manifest", "sha256_file", "graph_requirements", "required_onnxruntime",
+           "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "coca-edge-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
 GRAPHS = ("image_encoder", "text_encoder", "cross_kv", "decoder")
-PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-static", "mixed")
+PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-static", "int4-weight-only", "int8-weight-only", "mixed")
+
+
+# The first ONNX Runtime release that implements each ai.onnx opset (ORT's compatibility
+# matrix, onnxruntime.ai/docs/reference/compatibility.html). Opsets past the table are named as
+# "newer than" its last entry.
+ORT_FOR_OPSET = {13: "1.6", 14: "1.8", 15: "1.9", 16: "1.12", 17: "1.13", 18: "1.14", 19: "1.15", 20: "1.17",
+                 21: "1.18", 22: "1.21", 23: "1.23"}
+# The first ORT release with a CPU kernel for the com.microsoft contrib ops coca-edge's exporter
+# and quantizer emit (ORT's docs/ContribOperators.md history and release notes).
+ORT_FOR_CONTRIB_OP = {"MatMulNBits": "1.17", "GatherBlockQuantized": "1.20", "DynamicQuantizeMatMul": "1.6",
+                      "MatMulIntegerToFloat": "1.6", "QGemm": "1.11", "FusedMatMul": "1.4", "Gelu": "1.3",
+                      "FastGelu": "1.3", "QuickGelu": "1.11", "SkipLayerNormalization": "1.3",
+                      "MultiHeadAttention": "1.13", "GroupQueryAttention": "1.17"}
 
 
 class BundleError(ValueError):
     """A bundle is missing, incomplete, corrupted or of an unknown format."""
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in str(version).split("+")[0].split("."):
+        digits = "".join(c for c in piece if c.isdigit()) if not piece.isdigit() else piece
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def graph_requirements(path: str | os.PathLike) -> dict[str, Any]:
+    """``opset_imports`` ({domain: version}) and ``contrib_ops`` of an ONNX file, for the manifest.
+
+    Read at write time (onnx is imported here only, never on a device) without the external data.
+    """
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    ops: set[tuple[str, str]] = set()
+
+    def visit(graph) -> None:
+        for node in graph.node:
+            ops.add((node.domain, node.op_type))
+            for attr in node.attribute:
+                for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                    visit(sub)
+
+    visit(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            ops.add((node.domain, node.op_type))
+    local = {(f.domain, f.name) for f in model.functions}
+    return {"opset_imports": {(o.domain or "ai.onnx"): int(o.version) for o in model.opset_import},
+            "contrib_ops": sorted(op for domain, op in ops if domain == "com.microsoft" and (domain, op) not in local)}
+
+
+def required_onnxruntime(graph: dict[str, Any]) -> tuple[str | None, list[str]]:
+    """The lowest ORT version a graph's manifest entry needs, and why (one reason per requirement).
+
+    None when the needed version is unknown (an opset newer than ``ORT_FOR_OPSET`` knows).
+    """
+    opset = (graph.get("opset_imports") or {}).get("ai.onnx", graph.get("opset"))
+    needs: list[tuple[tuple[int, ...], str, str]] = []
+    unknown = []
+    if isinstance(opset, int):
+        if opset in ORT_FOR_OPSET or opset < min(ORT_FOR_OPSET):
+            version = ORT_FOR_OPSET.get(opset, "1.0")
+            needs.append((_version_tuple(version), version, f"ONNX opset {opset}"))
+        else:
+            unknown.append(f"ONNX opset {opset} (newer than onnxruntime {ORT_FOR_OPSET[max(ORT_FOR_OPSET)]} "
+                           f"implements)")
+    for op in graph.get("contrib_ops", []):
+        if op in ORT_FOR_CONTRIB_OP:
+            needs.append((_version_tuple(ORT_FOR_CONTRIB_OP[op]), ORT_FOR_CONTRIB_OP[op], f"contrib op {op}"))
+    if unknown:
+        return None, unknown + [why for _, _, why in needs]
+    if not needs:
+        return None, []
+    top = max(v for v, _, _ in needs)
+    return next(s for v, s, _ in needs if v == top), [why for v, _, why in needs if v == top]
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -53,6 +129,8 @@ def write_manifest(directory: str | os.PathLike, graphs: dict[str, dict[str, Any
         for f in [graph["file"], *graph.get("data_files", [])]:
             if f not in files:
                 raise BundleError(f"graph {name}: file {f} is not in {directory}")
+        # What a device's ORT must implement, so that an old one is told the version it needs.
+        graph.update(graph_requirements(directory / graph["file"]))
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -61,6 +139,8 @@ def write_manifest(directory: str | os.PathLike, graphs: dict[str, dict[str, Any
         "graphs": graphs,
         "files": files,
         **(extra or {}),
+        # After ``extra``: a manifest copied from a source bundle must not carry the source's ORT.
+        "validated_with": {"onnxruntime": _installed_onnxruntime()},
     }
     path = directory / MANIFEST
     tmp = path.with_name(f".{MANIFEST}.tmp")
@@ -78,7 +158,14 @@ class Bundle:
     config: dict[str, Any]
 
     @classmethod
-    def load(cls, root: str | os.PathLike, verify_hashes: bool = True) -> "Bundle":
+    def load(cls, root: str | os.PathLike, verify_hashes: bool = True, hash_cache: bool = True) -> "Bundle":
+        """Check format, files, sizes and sha256 of a bundle directory.
+
+        ``hash_cache``: a file whose path, size, inode, mtime and ctime are unchanged since this
+        machine last hashed it is not hashed again (the verified sha256 is kept in
+        ``$XDG_CACHE_HOME/coca-edge/verified-sha256.json``; any write to a file changes its ctime,
+        which no user can set back). Hashing the rest runs in parallel.
+        """
         root = Path(root)
         if not root.is_dir():
             raise BundleError(f"bundle not found: {root} is not a directory")
@@ -90,6 +177,14 @@ class Bundle:
         if manifest.get("format") != FORMAT:
             raise BundleError(f"{manifest_path}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
         version = manifest.get("format_version")
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            from .. import __version__
+
+            raise BundleError(
+                f"{manifest_path}: unknown bundle format_version {version}, newer than this coca-edge {__version__} "
+                f"reads ({FORMAT_VERSION}); the bundle was written by coca-edge "
+                f"{manifest.get('coca_edge_version', '?')} and needs a coca-edge that reads format version {version}: "
+                "upgrade coca-edge (pip install -U coca-edge) or re-export the bundle with this version")
         if version != FORMAT_VERSION:
             raise BundleError(f"{manifest_path}: unknown bundle format_version {version!r}; this coca-edge reads "
                               f"version {FORMAT_VERSION} (re-export the bundle or upgrade coca-edge)")
@@ -104,8 +199,11 @@ class Bundle:
             if path.stat().st_size != meta.get("bytes"):
                 raise BundleError(f"{root}: {rel} has {path.stat().st_size} bytes, manifest says {meta.get('bytes')} "
                                   "(truncated or replaced file)")
-            if verify_hashes and sha256_file(path) != meta.get("sha256"):
-                raise BundleError(f"{root}: sha256 mismatch for {rel} (corrupted or modified file)")
+        if verify_hashes:
+            digests = _hash_files([root / rel for rel in files], hash_cache)
+            for rel, meta in files.items():
+                if digests[root / rel] != meta.get("sha256"):
+                    raise BundleError(f"{root}: sha256 mismatch for {rel} (corrupted or modified file)")
         for name, graph in graphs.items():
             if name not in GRAPHS:
                 raise BundleError(f"{manifest_path}: unknown graph {name!r}")
@@ -137,6 +235,65 @@ class Bundle:
     @property
     def fused_cross_kv(self) -> bool:
         return bool(self.manifest.get("fused_cross_kv"))
+
+
+def _cache_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "coca-edge" / "verified-sha256.json"
+
+
+def _stat_key(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_size}|{st.st_ino}|{st.st_dev}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+
+
+def _hash_files(paths: list[Path], use_cache: bool) -> dict[Path, str]:
+    """sha256 of each file: from the verified-hash cache where the file is unchanged, else hashed
+    (in parallel threads: hashlib releases the GIL on large blocks)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cache: dict[str, str] = {}
+    if use_cache:
+        try:
+            cache = json.loads(_cache_path().read_text())
+        except (OSError, ValueError):
+            cache = {}
+    keys = {p: _stat_key(p) for p in paths}
+    out = {p: cache[k] for p, k in keys.items() if k in cache}
+    todo = sorted((p for p in paths if p not in out), key=lambda p: -p.stat().st_size)
+    with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1))) as pool:
+        out.update(zip(todo, pool.map(sha256_file, todo)))
+    if use_cache and todo:
+        _remember({keys[p]: out[p] for p in todo}, cache)
+    return out
+
+
+def _remember(new: dict[str, str], cache: dict[str, str]) -> None:
+    """Add verified hashes to the cache file; a read-only home (a locked-down device) just means no cache.
+
+    The loader compares these with the manifest, so a cached digest of a modified file is still
+    a mismatch: the cache only ever saves hashing, it never vouches for content by itself.
+    """
+    path = _cache_path()
+    live = {k: v for k, v in cache.items() if os.path.exists(k.split("|", 1)[0])}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**live, **new}))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _installed_onnxruntime() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return None
 
 
 def _read_json(path: Path) -> dict[str, Any]:

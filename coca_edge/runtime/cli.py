@@ -15,6 +15,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--providers", help="comma-separated ONNX Runtime providers (default: TensorRT, CUDA, CPU - "
                                        "whichever this onnxruntime has)")
     p.add_argument("--threads", type=int, help="intra-op threads per session")
+    p.add_argument("--memory", choices=("default", "lean", "low"), default="default",
+                   help="'lean': no activation arena (same speed, less memory); 'low': also each weight once in "
+                        "memory and no pre-packed copies (slower; small devices). See docs/edge.md")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -47,7 +50,7 @@ def _load(args: argparse.Namespace):
     from .edge import EdgeCoCa
 
     providers = [p.strip() for p in args.providers.split(",")] if args.providers else None
-    return EdgeCoCa.load(args.bundle, providers=providers, threads=args.threads)
+    return EdgeCoCa.load(args.bundle, providers=providers, threads=args.threads, memory=args.memory)
 
 
 def _caption(args: argparse.Namespace) -> int:

@@ -4,15 +4,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from ..data.preprocess import ImageLoadError, PreprocessConfig, load_image, preprocess
 from ..tokenizer import Tokenizer
-from .bundle import Bundle
+from .bundle import Bundle, BundleError, _version_tuple, required_onnxruntime
 from .generation import DecoderLayout, GenerationConfig, GenerationOutput, generate
-from .runners import OrtRunner, Runner
+from .runners import MEMORY_PRESETS, MemoryConfig, OrtRunner, Runner, onnxruntime_version
 
 __all__ = ["EdgeCoCa", "Classification", "InputError", "DEFAULT_TEMPLATES"]
 
@@ -48,24 +48,49 @@ class EdgeCoCa:
         self.logit_scale = float(bundle.config["logit_scale"])
         self.layout = DecoderLayout.from_model_config(model)
         self.image_size = int(model["vision"]["image_size"])
+        self.io_generator = None  # use_io_binding(): decode with the caches kept on the device
 
     @classmethod
-    def load(cls, path: str | os.PathLike, providers: Sequence[str] | None = None, threads: int | None = None,
-             verify_hashes: bool = True) -> "EdgeCoCa":
+    def load(cls, path: str | os.PathLike, providers: Sequence[str] | Mapping[str, Sequence] | None = None,
+             threads: int | None = None, verify_hashes: bool = True, memory: str | MemoryConfig = "default",
+             engines: str | os.PathLike | None = None, io_binding: bool = False) -> "EdgeCoCa":
         """Verify a bundle directory and open one session per graph.
 
-        ``providers`` defaults to TensorRT, CUDA, CPU - those this onnxruntime build has.
+        ``providers`` defaults to TensorRT, CUDA, CPU - those this onnxruntime build has; a mapping
+        gives each graph its own list (``runtime.trt.tensorrt_providers``: ORT's TensorRT EP).
+        ``engines``: a folder from ``coca-edge build-engine``; the graphs then run as TensorRT
+        engines (``TrtRunner``, not yet run on hardware) instead of ORT sessions.
+        ``io_binding``: decode with the K/V caches kept on the device (``use_io_binding``).
+        ``memory``: ``"default"`` (fastest), ``"low"`` (each weight once in memory, for small
+        devices; see docs/edge.md for what it costs) or a ``MemoryConfig``.
         """
+        if isinstance(memory, str):
+            if memory not in MEMORY_PRESETS:
+                raise ValueError(f"memory must be one of {sorted(MEMORY_PRESETS)} or a MemoryConfig, got {memory!r}")
+            memory = MEMORY_PRESETS[memory]
         bundle = Bundle.load(path, verify_hashes=verify_hashes)
+        if engines is not None:
+            from .trt import load_trt_runners
+
+            return cls(bundle, dict(load_trt_runners(bundle, engines, verify_hashes)), Tokenizer.load(bundle.root))
+        requirements = _check_onnxruntime(bundle)
         fp16 = any(bundle.precision(g) == "fp16" for g in bundle.manifest["graphs"])
         # ORT >= 1.23 crashes creating CPU sessions for FP16 graphs at ORT_ENABLE_ALL (FACTS.md).
         level = "extended" if fp16 else "all"
+        shared = {}
+        if memory.share_weights:
+            from .weights import share_initializers
+
+            shared = share_initializers({name: bundle.graph_path(name) for name in bundle.manifest["graphs"]})
         runners: dict[str, Runner] = {
-            name: OrtRunner(bundle.graph_path(name), providers=providers, threads=threads, optimization=level,
-                            expected_io=bundle.graph_io(name), name=name)
+            name: OrtRunner(bundle.graph_path(name), threads=threads, optimization=level,
+                            providers=providers.get(name) if isinstance(providers, Mapping) else providers,
+                            expected_io=bundle.graph_io(name), name=name, memory=memory,
+                            initializers=shared.get(name, ()), requirement=requirements.get(name))
             for name in bundle.manifest["graphs"]
         }
-        return cls(bundle, runners, Tokenizer.load(bundle.root))
+        edge = cls(bundle, runners, Tokenizer.load(bundle.root))
+        return edge.use_io_binding() if io_binding else edge
 
     # -- inputs --------------------------------------------------------------------------
     def _pixels(self, images: Any) -> np.ndarray:
@@ -176,12 +201,25 @@ class EdgeCoCa:
             return out["cross_kv"]
         return self.runners["cross_kv"].run({"image_tokens": out["image_tokens"]})["cross_kv"]
 
+    def use_io_binding(self, device: str | None = None) -> "EdgeCoCa":
+        """Decode with ONNX Runtime IO binding: K/V caches and cross K/V stay on the session's device
+        between steps (``coca_edge.runtime.iobinding``); same tokens as the numpy loop."""
+        from .iobinding import IoBindingGenerator
+
+        decoder = self.runners["decoder"]
+        if not isinstance(decoder, OrtRunner):
+            raise ValueError(f"IO binding needs an ONNX Runtime decoder, this bundle runs {type(decoder).__name__}")
+        self.io_generator = IoBindingGenerator(decoder, device)
+        return self
+
     def caption_ids(self, images: Any, batch_size: int = 8, **generation: Any) -> GenerationOutput:
         config = GenerationConfig(**generation)
         pixels = self._pixels(images)
         result = GenerationOutput([], [])
         for i in range(0, len(pixels), batch_size):
-            out = generate(self.runners["decoder"], self.cross_kv(pixels[i:i + batch_size]), self.layout, config)
+            cross = self.cross_kv(pixels[i:i + batch_size])
+            out = (self.io_generator.generate(cross, self.layout, config) if self.io_generator is not None
+                   else generate(self.runners["decoder"], cross, self.layout, config))
             result.sequences += out.sequences
             result.scores += out.scores
         return result
@@ -192,3 +230,28 @@ class EdgeCoCa:
         out = self.caption_ids(images, batch_size=batch_size, strategy=strategy, max_new_tokens=max_new_tokens,
                                **generation)
         return [self.tokenizer.decode(seq) for seq in out.sequences]
+
+
+def _check_onnxruntime(bundle: Bundle) -> dict[str, str]:
+    """Refuse, before any session exists, a bundle that needs a newer ORT than the installed one.
+
+    Returns per graph what it needs ("onnxruntime >= X"), for the error ORT's own failure gets.
+    """
+    installed = onnxruntime_version()
+    validated = (bundle.manifest.get("validated_with") or {}).get("onnxruntime")
+    requirements = {}
+    for name, graph in bundle.manifest["graphs"].items():
+        needed, why = required_onnxruntime(graph)
+        if needed is None and why:
+            requirements[name] = f"onnxruntime {validated} or newer (this bundle was validated with it)" if validated \
+                else "a newer onnxruntime"
+            continue
+        if needed is None:
+            continue
+        requirements[name] = f"onnxruntime >= {needed}"
+        if _version_tuple(installed) < _version_tuple(needed):
+            checked = f"; the bundle was validated with onnxruntime {validated}" if validated else ""
+            raise BundleError(f"{bundle.root}: graph {name} needs onnxruntime >= {needed} ({', '.join(why)}); this is "
+                              f"onnxruntime {installed}{checked}: pip install -U \"onnxruntime>={needed}\" (or "
+                              "onnxruntime-gpu)")
+    return requirements

@@ -7,20 +7,63 @@ same ``run``.
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from .bundle import BundleError
+from .bundle import ORT_FOR_CONTRIB_OP, BundleError, _version_tuple
 
-__all__ = ["Runner", "OrtRunner", "default_providers", "PROVIDER_ORDER"]
+__all__ = ["Runner", "OrtRunner", "MemoryConfig", "MEMORY_PRESETS", "default_providers", "PROVIDER_ORDER",
+           "onnxruntime_version"]
 
 # Preferred order when the caller does not choose.
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
                "tensor(int32)": "int32", "tensor(bfloat16)": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """How a bundle's ONNX Runtime sessions use memory; ``EdgeCoCa.load(memory=...)``.
+
+    What each setting costs was measured with ``benchmarks/edge_footprint.py`` (docs/edge.md).
+    """
+
+    arena: bool = True          # SessionOptions.enable_cpu_mem_arena: activations from a growing arena
+    mem_pattern: bool = True    # SessionOptions.enable_mem_pattern: one planned block per input shape
+    prepacking: bool = True     # MatMul/Gemm weights re-laid-out once (a private copy per session)
+    share_weights: bool = False  # weights equal across graphs held once, handed to ORT (add_initializer)
+    # Not offered: ORT's global thread pool (set_global_thread_pool_sizes). Once it exists, every
+    # later session in the process must opt into it or fail to load, which breaks any other ORT
+    # user in the same process; per-session pools cost little memory (idle thread stacks).
+
+    def __post_init__(self) -> None:
+        for name in ("arena", "mem_pattern", "prepacking", "share_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"MemoryConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.share_weights and self.prepacking:
+            # Measured: each session then pre-packs its own copy of every shared weight and the
+            # shared pages stay mapped too, which costs more memory than not sharing.
+            raise ValueError("MemoryConfig(share_weights=True) needs prepacking=False")
+
+
+# Measured on coca_ViT-S-32 (docs/edge.md): "lean" saved 7% peak RSS at batch 8 with no measurable
+# speed cost; "low" saves 12% for a 1.3-1.4x slower caption (MatMuls without pre-packed weights).
+MEMORY_PRESETS = {
+    "default": MemoryConfig(),
+    "lean": MemoryConfig(arena=False, mem_pattern=False),
+    "low": MemoryConfig(arena=False, mem_pattern=False, prepacking=False, share_weights=True),
+}
+
+
+def onnxruntime_version() -> str:
+    import onnxruntime as ort
+
+    return ort.__version__
 
 
 @runtime_checkable
@@ -43,12 +86,24 @@ class OrtRunner:
 
     def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None,
                  threads: int | None = None, optimization: str = "all",
-                 expected_io: tuple[list[dict], list[dict]] | None = None, name: str | None = None):
+                 expected_io: tuple[list[dict], list[dict]] | None = None, name: str | None = None,
+                 memory: MemoryConfig = MemoryConfig(), initializers: Sequence[tuple[str, np.ndarray]] = (),
+                 requirement: str | None = None):
+        """``initializers``: (name, array) pairs the session uses instead of its own copy; the
+        arrays must stay alive as long as the session (this runner keeps them). ``requirement``
+        is what the bundle says this graph needs (named in the error when ORT cannot load it)."""
         import onnxruntime as ort
 
         self.path = Path(path)
         self.name = name or self.path.stem
         options = ort.SessionOptions()
+        options.enable_cpu_mem_arena = memory.arena
+        options.enable_mem_pattern = memory.mem_pattern
+        if not memory.prepacking:
+            options.add_session_config_entry("session.disable_prepacking", "1")
+        self._initializers = [(n, ort.OrtValue.ortvalue_from_numpy(a)) for n, a in initializers]
+        for n, value in self._initializers:
+            options.add_initializer(n, value)
         options.log_severity_level = 3
         levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -64,14 +119,15 @@ class OrtRunner:
             options.intra_op_num_threads = threads
         providers = list(providers) if providers else default_providers()
         available = ort.get_available_providers()
-        missing = [p for p in providers if p not in available]
+        # a provider is a name or ORT's (name, options) pair (e.g. runtime.trt.tensorrt_providers)
+        missing = [p for p in (q[0] if isinstance(q, tuple) else q for q in providers) if p not in available]
         if missing:
             raise BundleError(f"execution provider(s) {missing} are not available in this onnxruntime build; "
                               f"available: {available}")
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         except Exception as err:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
-            raise BundleError(f"{self.path}: ONNX Runtime cannot load this graph ({str(err).splitlines()[0]})") from None
+            raise BundleError(_load_failure(self.path, str(err), ort.__version__, requirement)) from None
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         if expected_io is not None:
@@ -97,3 +153,25 @@ class OrtRunner:
             raise ValueError(f"graph {self.name}: missing input(s) {missing}")
         values = self.session.run(names, {n: feed[n] for n in self.input_names})
         return dict(zip(names, values))
+
+
+def _load_failure(path: Path, message: str, installed: str, requirement: str | None) -> str:
+    """Why ORT refused a graph, naming the ORT version it needs when that is the reason."""
+    first = message.splitlines()[0] if message else "unknown error"
+    opset = re.search(r"Opset (\d+) is under development.*?support for domain ([\w.]+) is till opset (\d+)", message,
+                      re.S)
+    if opset:
+        return (f"{path}: this graph uses {opset.group(2)} opset {opset.group(1)}, but onnxruntime {installed} "
+                f"runs up to opset {opset.group(3)}; it needs {requirement or 'a newer onnxruntime'} "
+                "(pip install -U onnxruntime, or onnxruntime-gpu)")
+    op = re.search(r"(?:([\w.]+):)?(\w+)\(-?\d+\) is not a registered function/op|No Op registered for (\w+)", message)
+    if op:
+        name = op.group(2) or op.group(3)
+        needed = ORT_FOR_CONTRIB_OP.get(name)
+        if needed and _version_tuple(installed) < _version_tuple(needed):
+            why = f"onnxruntime >= {needed}"
+        else:
+            why = requirement or "an onnxruntime that implements it"
+        return (f"{path}: onnxruntime {installed} has no kernel for operator {name!r} used by this graph; it "
+                f"needs {why} (pip install -U onnxruntime, or onnxruntime-gpu)")
+    return f"{path}: ONNX Runtime {installed} cannot load this graph ({first})"
