@@ -1,0 +1,138 @@
+"""Validation metrics, gates and task scoring against hand-computed values (no model runs)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from coca_edge.data import RetrievalTask, ZeroShotTask
+from coca_edge.validate import (GateError, Gates, TensorStats, caption_agreement, compare_tensors, load_gates,
+                                per_sample_cosine, shipped_gates, sqnr_db)
+from coca_edge.validate.data import BoundTask, EvalData
+from coca_edge.validate.metrics import topk_accuracy
+from coca_edge.validate.validator import ModelOutputs, score_tasks
+
+
+def test_tensor_stats_hand_computed():
+    ref = np.array([[3.0, 4.0], [1.0, 0.0]])
+    cand = np.array([[3.0, 4.0], [0.0, 1.0]])
+    np.testing.assert_allclose(per_sample_cosine(ref, cand), [1.0, 0.0])
+    stats = compare_tensors(ref, cand)
+    # signal 9+16+1 = 26, noise 1+1 = 2 -> 10*log10(13)
+    assert stats["sqnr_db"] == pytest.approx(10 * math.log10(13))
+    assert stats["cosine_min"] == pytest.approx(0.0)
+    assert stats["cosine_mean"] == pytest.approx(0.5)
+    assert stats["max_abs"] == 1.0
+    assert stats["mean_abs"] == pytest.approx(0.5)
+    assert sqnr_db(ref, ref) == math.inf
+
+
+def test_tensor_stats_stream_over_batches_and_sample_axis():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(2, 2, 6, 3))  # samples on axis 2, like a KV cache [L, 2, B, ...]
+    cand = ref + rng.normal(scale=0.1, size=ref.shape)
+    whole = compare_tensors(ref, cand, sample_axis=2)
+    stats = TensorStats()
+    stats.update(ref[:, :, :4], cand[:, :, :4], 2)
+    stats.update(ref[:, :, 4:], cand[:, :, 4:], 2)
+    parts = stats.result()
+    for key in ("cosine_min", "cosine_mean", "sqnr_db", "max_abs", "mean_abs"):
+        assert parts[key] == pytest.approx(whole[key])
+    expected = [np.dot(ref[:, :, b].ravel(), cand[:, :, b].ravel())
+                / np.linalg.norm(ref[:, :, b]) / np.linalg.norm(cand[:, :, b]) for b in range(6)]
+    np.testing.assert_allclose(stats.per_sample_cosines(), expected)
+    with pytest.raises(ValueError, match="shapes"):
+        stats.update(ref, cand[:1], 2)
+
+
+def test_caption_agreement_hand_computed():
+    ref = [[1, 2, 3], [1, 2, 3], [5]]
+    cand = [[1, 2, 3], [1, 9, 3, 4], [6]]
+    out = caption_agreement(ref, cand)
+    assert out["exact_match"] == pytest.approx(1 / 3)
+    # per caption: 3/3, 2 of 4 positions agree, 0/1
+    assert out["token_agreement"] == pytest.approx((1 + 0.5 + 0) / 3)
+    assert out["first_divergence"] == [3, 1, 0]
+    assert out["differs"] == [False, True, True]
+    # a prefix diverges where the shorter one ends
+    assert caption_agreement([[1, 2]], [[1, 2, 7]])["first_divergence"] == [2]
+
+
+def test_topk_accuracy():
+    logits = np.array([[0.9, 0.1, 0.5], [0.1, 0.2, 0.3]])
+    assert topk_accuracy(logits, [2, 0], 1) == 0.0
+    assert topk_accuracy(logits, [2, 0], 2) == 0.5
+    assert topk_accuracy(logits, [2, 0], 5) == 1.0  # k capped at the number of classes
+
+
+def _unit(x):
+    x = np.asarray(x, np.float64)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_score_tasks_hand_computed():
+    """Zero-shot on 4 images / 2 classes and retrieval on 3 images, embeddings placed by hand."""
+    zs = ZeroShotTask("color", ("red", "blue"), (("a red object",), ("a blue object",)), list(range(4)),
+                      (0, 0, 1, 1))
+    ret = RetrievalTask("retrieval", list(range(3)), ("t0", "t1", "t2"), ((0,), (1,), (2,)))
+    data = EvalData("hand", np.zeros((4, 3, 2, 2), np.float32), zero_shot={"color": BoundTask(zs, np.arange(4))},
+                    retrieval=BoundTask(ret, np.arange(3)))
+    texts = data.texts
+    assert texts == ["a red object", "a blue object", "t0", "t1", "t2"]
+    e = np.eye(3)
+    # images 0, 1 near class red (e0); image 2 near red too (wrong); image 3 near blue (e1)
+    image_embed = _unit([e[0] + 0.1 * e[2], e[0] + 0.2 * e[1], e[0] + 0.1 * e[1], e[1]])
+    # retrieval texts: t0 = image 0's direction, t1 = e1 (image 1 is the most e1-like), t2 = e2
+    text_embed = _unit([e[0], e[1], e[0] + 0.1 * e[2], e[1], e[2]])
+    scores = score_tasks(data, texts, ModelOutputs(image_embed, text_embed, [], []))
+    m = scores["metrics"]
+    assert m["zs_color"] == 0.75  # image 2 (blue) is closer to red
+    assert m["zero_shot_top1"] == 0.75
+    assert m["zero_shot_top5"] == 1.0
+    np.testing.assert_array_equal(scores["preds"]["color"], [0, 0, 0, 1])
+    # i2t: every image is closest to t0 (all lean on e0) -> only image 0 hits
+    assert m["i2t_R@1"] == pytest.approx(1 / 3)
+    # t2i: t0 -> image 0 (hit), t1 -> image 1 (0.196 > 0.0995, hit), t2 -> image 0 (only one with e2: miss)
+    assert m["t2i_R@1"] == pytest.approx(2 / 3)
+    assert m["retrieval_R@1"] == pytest.approx((m["i2t_R@1"] + m["t2i_R@1"]) / 2)
+    assert m["i2t_R@10"] == 1.0
+
+
+def test_shipped_gates_load_and_evaluate():
+    assert {"cpu-int8", "gpu-fp16"} <= set(shipped_gates())
+    for name in ("cpu-int8", "gpu-fp16"):
+        gates = load_gates(name)
+        assert gates.gates and gates.description
+    gates = Gates.from_dict({"gates": {"zero_shot_top1_drop": "<= 0.3", "embed_cosine_min": ">= 0.99",
+                                       "image_encoder.image_embed.sqnr_db": "> 30"}})
+    results = gates.evaluate({"zero_shot_top1_drop": 0.2, "embed_cosine_min": 0.98,
+                              "image_encoder.image_embed.sqnr_db": math.inf})
+    assert [r.passed for r in results] == [True, False, True]
+    assert results[1].measured == 0.98 and results[1].allowed == 0.99 and results[1].op == ">="
+
+
+def test_missing_or_nan_metric_fails_its_gate():
+    gates = Gates.from_dict({"gates": {"caption_exact_match": ">= 0.9", "hallucination_rate_increase": "<= 1"}})
+    results = gates.evaluate({"hallucination_rate_increase": float("nan")})
+    assert not any(r.passed for r in results)
+    assert all(r.reason.startswith("not evaluated: ") for r in results)
+    assert all(r.measured is None for r in results)
+
+
+def test_bad_gates_are_errors_naming_file_and_key(tmp_path):
+    path = tmp_path / "gates.yaml"
+    path.write_text("gates:\n  zero_shot_top1_dorp: '<= 0.3'\n")
+    with pytest.raises(GateError, match=r"gates\.yaml.*zero_shot_top1_dorp"):
+        load_gates(path)
+    path.write_text("gate:\n  zero_shot_top1_drop: '<= 0.3'\n")
+    with pytest.raises(GateError, match=r"gates\.yaml.*unknown key.*'gate'"):
+        load_gates(path)
+    path.write_text("gates:\n  zero_shot_top1_drop: 'at most 0.3'\n")
+    with pytest.raises(GateError, match=r"gates\.zero_shot_top1_drop.*<op> <number>"):
+        load_gates(path)
+    path.write_text("gates: [unclosed\n")
+    with pytest.raises(GateError, match="not valid YAML"):
+        load_gates(path)
+    with pytest.raises(GateError, match="cpu-int4.*cpu-int8"):
+        load_gates("cpu-int4")
