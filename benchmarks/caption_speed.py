@@ -1,4 +1,5 @@
-"""Captioning speed: open_clip generate vs coca-edge PyTorch (KV cache) vs coca-edge ORT FP32 (KV cache).
+"""Captioning speed: open_clip generate vs coca-edge PyTorch (KV cache) vs coca-edge ORT FP32, INT8 and
+INT4-weight-only-decoder bundles (KV cache).
 
 Not a test: prints a ratio table (medians of interleaved runs, same weights, same run) and
 writes JSON. The same coca_ViT-B-32 weights (random, every parameter initialised) feed all
@@ -6,6 +7,12 @@ three; exactly --tokens new tokens are forced (the end token is suppressed until
 
     python benchmarks/caption_speed.py                   # exports a bundle to a temp dir first
     python benchmarks/caption_speed.py --bundle DIR      # reuse a bundle exported from --seed
+    python benchmarks/caption_speed.py --preset test-tiny --runs 1 --batches 1   # smoke test
+
+The INT8 bundle is `coca-edge quantize --precision int8 --preset cpu` (dynamic by default,
+--int8-method static for QDQ), the INT4 one `--precision int4 --preset cpu` (weight-only
+MatMulNBits decoder and text encoder); both are written beside --bundle (DIR-int8, DIR-int4)
+and reused when present.
 """
 from __future__ import annotations
 
@@ -53,6 +60,18 @@ def _weight_bytes_per_step(decoder_path: Path) -> tuple[int, int]:
     return total - skipped, total
 
 
+def _quantized(bundle: Path, precision: str, method: str | None, samples: int) -> Path:
+    """The cpu-preset bundle of ``precision`` beside ``bundle`` (made once, then reused)."""
+    from coca_edge.calibration import CalibrationData
+    from coca_edge.quantize import preset_plan, quantize
+
+    out = Path(f"{bundle}-{precision}{'-' + method if method else ''}")
+    if not (out / "manifest.json").exists():
+        quantize(bundle, preset_plan("cpu", precision, method), out,
+                 CalibrationData("synthetic-scenes:train", samples=samples))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="coca_ViT-B-32")
@@ -63,6 +82,10 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5, help="interleaved runs per implementation and batch")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--int8-method", choices=("dynamic", "static"), default=None,
+                    help="INT8 method of the cpu preset (default: the preset's choice)")
+    ap.add_argument("--calib-samples", type=int, default=64, help="calibration images for static INT8")
+    ap.add_argument("--no-quantized", action="store_true", help="FP32 rows only")
     ap.add_argument("--json", default="benchmarks/results/caption_speed.json")
     args = ap.parse_args()
 
@@ -92,6 +115,11 @@ def main() -> None:
     if not Path(bundle).exists():
         export_bundle(model, bundle, source_model={"preset": args.preset, "weights": f"random(seed={args.seed})"})
     runtime = EdgeCoCa.load(bundle, threads=args.threads, verify_hashes=False)
+    quantized = {} if args.no_quantized else {
+        "coca-edge ORT INT8 (KV cache)": _quantized(bundle, "int8", args.int8_method, args.calib_samples),
+        "coca-edge ORT INT4-wo decoder (KV cache)": _quantized(bundle, "int4", None, args.calib_samples),
+    }
+    quantized = {k: EdgeCoCa.load(v, threads=args.threads, verify_hashes=False) for k, v in quantized.items()}
 
     n = args.tokens
     size = config.vision.image_size
@@ -108,6 +136,8 @@ def main() -> None:
             "coca-edge ORT FP32 (KV cache)": lambda: runtime.caption_ids(px, max_new_tokens=n, min_new_tokens=n,
                                                                          batch_size=batch),
         }
+        for name, qrt in quantized.items():
+            impls[name] = lambda qrt=qrt: qrt.caption_ids(px, max_new_tokens=n, min_new_tokens=n, batch_size=batch)
         # check the three agree on the forced-length greedy tokens before timing them
         with torch.no_grad():
             ref = greedy_generate(model, pixels, max_new_tokens=n, min_new_tokens=n)[:, 1:]
@@ -123,8 +153,11 @@ def main() -> None:
                     times[name].append(_seconds(fn))
                     print(f"  batch {batch} {name}: {times[name][-1]:.2f} s", flush=True)
         med = {k: statistics.median(v) for k, v in times.items()}
+        same = {name: float(np.mean(np.array(qrt.caption_ids(px, max_new_tokens=n, min_new_tokens=n,
+                                                             batch_size=batch).sequences) == ortout))
+                for name, qrt in quantized.items()}
         results[batch] = {"median_s": med, "tokens_per_s": {k: batch * n / v for k, v in med.items()},
-                          "all_s": times, "tokens_agree": agree}
+                          "all_s": times, "tokens_agree": agree, "quantized_token_agreement_vs_fp32": same}
 
     # decode-step time vs the memory-bandwidth bound, batch 1, past of 15 tokens
     layout = runtime.layout
@@ -142,14 +175,20 @@ def main() -> None:
 
     print(f"\ncaptioning, {args.preset}, {n} new tokens forced, {args.threads} threads, "
           f"median of {args.runs} interleaved runs")
-    print(f"{'implementation':<32}" + "".join(f"{'batch ' + str(b) + ' tok/s':>18}" for b in results))
+    print(f"{'implementation':<42}" + "".join(f"{'batch ' + str(b) + ' tok/s':>18}" for b in results))
     for name in next(iter(results.values()))["median_s"]:
-        print(f"{name:<32}" + "".join(f"{results[b]['tokens_per_s'][name]:>18.1f}" for b in results))
+        print(f"{name:<42}" + "".join(f"{results[b]['tokens_per_s'][name]:>18.1f}" for b in results))
     for b, r in results.items():
         ratio = r["median_s"]["open_clip generate"] / r["median_s"]["coca-edge ORT FP32 (KV cache)"]
         ratio_pt = r["median_s"]["open_clip generate"] / r["median_s"]["coca-edge PyTorch (KV cache)"]
         print(f"ORT FP32 vs open_clip generate, batch {b}: {ratio:.1f}x   "
               f"(PyTorch KV cache vs open_clip: {ratio_pt:.1f}x; tokens agree: {r['tokens_agree']})")
+        for name, label in (("coca-edge ORT INT8 (KV cache)", "INT8"),
+                            ("coca-edge ORT INT4-wo decoder (KV cache)", "INT4-wo decoder")):
+            if name in r["median_s"]:
+                q = r["median_s"]["open_clip generate"] / r["median_s"][name]
+                print(f"{label} vs open_clip generate, batch {b}: {q:.1f}x   (tokens equal to FP32 ORT: "
+                      f"{r['quantized_token_agreement_vs_fp32'][name]:.1%}; random weights, see docs/quantization.md)")
     print(f"decode step (batch 1, past 15): {step * 1e3:.1f} ms; weights streamed per step "
           f"{streamed / 1e6:.0f} MB (of {total / 1e6:.0f} MB; the token-embedding table is gathered); "
           f"copy bandwidth {bandwidth / 1e9:.1f} GB/s -> bound {bound * 1e3:.1f} ms; "
