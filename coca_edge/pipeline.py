@@ -46,7 +46,13 @@ class PipelineError(ValueError):
 
 
 class GateFailure(RuntimeError):
-    """Raised by a stage whose checks ran and failed (validation gates); the stage is still done."""
+    """Raised by a stage whose checks ran and failed (validation gates, or no quantization mix
+    passes its gates); the stage counts as run. ``outputs`` are what it still produced (a
+    report), none when there is nothing a later stage could use."""
+
+    def __init__(self, message: str, outputs: dict[str, str] | None = None):
+        super().__init__(message)
+        self.outputs = outputs or {}
 
 
 # --------------------------------------------------------------------------- stage parameters
@@ -61,11 +67,15 @@ def _path_exists(value: str, where: str) -> None:
 class DistillParams:
     """A ``coca-edge distill`` / ``train`` run: a training recipe plus overrides."""
 
-    recipe: str
+    recipe: str | None = None
     set: Mapping[str, Any] = field(default_factory=dict)
     progress: bool = True
     _paths = ("recipe",)
     _main = "model"
+
+    def __post_init__(self) -> None:
+        if self.recipe is None and not self.set:
+            raise PipelineError("give a training recipe (recipe: path.yaml) and/or its values (set: {...})")
 
 
 @dataclass(frozen=True)
@@ -110,6 +120,7 @@ class ValidateParams:
     localize: int = 0
     latency: bool = True
     labels: Sequence[str] = ()
+    different_architecture: bool = False
     _paths = ("reference", "candidates")
     _main = "report"
 
@@ -131,7 +142,7 @@ def _run_training(mode: str) -> Callable[[Any, Path, Path], dict[str, str]]:
         from .distill.config import load_config
         from .distill.trainer import distill, train
 
-        overrides = [f"{k}={json.dumps(v)}" for k, v in _flatten(dict(p.set)).items()]
+        overrides = _training_overrides(p)
         overrides.append(f"output_dir={json.dumps(str(work / 'train'))}")
         cfg = load_config(p.recipe, overrides)
         if cfg.teacher.path is not None and cfg.teacher.use_cache and "teacher.cache_dir" not in _flatten(dict(p.set)):
@@ -166,23 +177,33 @@ def _run_export(p: ExportParams, out: Path, work: Path) -> dict[str, str]:
 def _run_quantize(p: QuantizeParams, out: Path, work: Path) -> dict[str, str]:
     from .quantize.cli import quantize_from_args
 
-    quantize_from_args(bundle=p.bundle, precision=p.precision, preset=p.preset, method=p.method, calib=p.calib,
-                       calib_samples=p.calib_samples, gates=p.gates, eval_data=p.eval,
-                       eval_samples=p.eval_samples, out=out / "bundle", cache_dir=work.parent.parent / "cache")
+    from .quantize.fallback import FallbackFailed
+
+    try:
+        quantize_from_args(bundle=p.bundle, precision=p.precision, preset=p.preset, method=p.method, calib=p.calib,
+                           calib_samples=p.calib_samples, gates=p.gates, eval_data=p.eval,
+                           eval_samples=p.eval_samples, out=str(out / "bundle"),
+                           cache_dir=str(work.parent.parent / "cache"))
+    except FallbackFailed as err:
+        raise GateFailure(f"no quantization mix passes the gates: {err}") from None
     return {"bundle": "bundle"}
 
 
 def _run_validate(p: ValidateParams, out: Path, work: Path) -> dict[str, str]:
-    from .validate import load_gates, validate, write_reports
+    from .validate import validate
+    from .validate.report import format_table, summary_rows
 
-    gates = load_gates(p.gates) if p.gates else None
-    report = validate(p.reference, list(p.candidates), data=p.data, samples=p.samples, gates=gates,
-                      localize=p.localize, labels=list(p.labels) or None, latency=p.latency)
-    write_reports(report, out)
-    outputs = {"report": "report.json", "html": "report.html", "markdown": "report.md"}
+    report = validate(p.reference, list(p.candidates), data=p.data, samples=p.samples, gates=p.gates,
+                      localize=p.localize, labels=list(p.labels) or None, latency=p.latency, out=out,
+                      different_architecture=p.different_architecture)
+    (out / "table.txt").write_text(format_table(summary_rows(report)) + "\n")
     if not report.passed:
-        raise GateFailure(f"validation gates failed (see {out / 'report.md'})")
-    return outputs
+        failed = [f"{r.name}: {g.name} measured {'not evaluated' if g.measured is None else f'{g.measured:.4g}'}, "
+                  f"allowed {g.op} {g.allowed:g}" for r in report.results for g in r.gate_results if not g.passed]
+        raise GateFailure("validation gates failed: " + "; ".join(failed),
+                          {"report": "report.json", "html": "report.html", "markdown": "report.md",
+                           "table": "table.txt"})
+    return {"report": "report.json", "html": "report.html", "markdown": "report.md", "table": "table.txt"}
 
 
 @dataclass(frozen=True)
@@ -340,6 +361,8 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = (), run_dir:
             for key in params_cls._paths:
                 for value in _strings(getattr(params, key)):
                     _path_exists(value, f"{where}.{key}")
+        if kind in ("distill", "train"):
+            _check_training(params, where, check_paths)
         stages.append(stage)
     names = {s.name for s in stages}
     for key in ("deploy", "summary"):
@@ -349,6 +372,28 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = (), run_dir:
             raise PipelineError(f"{source}: {key} must be '@<stage>' naming a stage, got {value!r}")
     return Recipe(str(data["name"]), str(data["run_dir"]), tuple(stages), data.get("deploy"), data.get("summary"),
                   str(data.get("description", "")), source, data)
+
+
+def _training_overrides(p: DistillParams) -> list[str]:
+    return [f"{k}={json.dumps(v)}" for k, v in _flatten(dict(p.set)).items()]
+
+
+def _check_training(p: DistillParams, where: str, check_paths: bool) -> None:
+    """The training config a stage will run must load (unknown keys, bad values) and its
+    teacher must exist, before any stage runs."""
+    from .distill.config import TrainConfigError, load_config
+
+    if p.recipe is not None and not p.recipe.startswith("@") and not Path(p.recipe).is_file():
+        if check_paths:
+            raise PipelineError(f"{where}.recipe: path not found: {p.recipe}")
+        return
+    try:
+        cfg = load_config(p.recipe, _training_overrides(p))
+    except TrainConfigError as err:
+        raise PipelineError(f"{where}: {err}") from None
+    teacher = cfg.teacher.path
+    if check_paths and teacher and not teacher.startswith("@") and not Path(teacher).exists():
+        raise PipelineError(f"{where}: teacher.path not found: {teacher}")
 
 
 # --------------------------------------------------------------------------- running
@@ -424,7 +469,6 @@ def _stage_key(stage: Stage, resolved: Any, digests: dict[str, str]) -> tuple[st
             if not raw.startswith("@"):
                 inputs[raw] = _digest_path(Path(raw))
     if stage.type in ("distill", "train"):
-        inputs[resolved.recipe] = _digest_path(Path(resolved.recipe))
         teacher = _train_teacher(resolved)
         if teacher:
             inputs[teacher] = _digest_path(Path(teacher))
@@ -437,7 +481,7 @@ def _train_teacher(p: DistillParams) -> str | None:
     """The teacher checkpoint a training recipe reads (an input of the stage)."""
     import yaml
 
-    data = yaml.safe_load(Path(p.recipe).read_text()) or {}
+    data = yaml.safe_load(Path(p.recipe).read_text()) or {} if p.recipe else {}
     teacher = _flatten(dict(p.set)).get("teacher.path", (data.get("teacher") or {}).get("path"))
     return teacher if teacher and Path(teacher).exists() else None
 
@@ -494,8 +538,13 @@ def run_pipeline(recipe: Recipe, start_from: str | None = None, only: str | None
             echo(f"{label}: up to date, skipped")
             outputs[stage.name] = {k: str(out / v) for k, v in state["outputs"].items()}
             digests[stage.name] = state["outputs_digest"]
-            results.append(StageResult(stage.name, stage.type, "skipped", 0.0, outputs[stage.name],
-                                       state.get("error")))
+            if state["status"] == "gates_failed":
+                results.append(StageResult(stage.name, stage.type, "gates_failed", 0.0, outputs[stage.name],
+                                           state.get("error")))
+                if not state["outputs"]:
+                    break
+                continue
+            results.append(StageResult(stage.name, stage.type, "skipped", 0.0, outputs[stage.name]))
             continue
         echo(f"{label}: running")
         result = _run_stage(stage, resolved, key, inputs, stage_dir)
@@ -506,6 +555,9 @@ def run_pipeline(recipe: Recipe, start_from: str | None = None, only: str | None
         outputs[stage.name] = result.outputs
         digests[stage.name] = _read_stage(stage_dir)["outputs_digest"]
         echo(f"{label}: {'gates FAILED' if result.status == 'gates_failed' else 'done'} in {result.seconds:.1f} s")
+        if result.status == "gates_failed" and not result.outputs:
+            echo(f"{label}: produced nothing later stages could use; stopping here")
+            break
     return results
 
 
@@ -535,8 +587,7 @@ def _run_stage(stage: Stage, resolved: Any, key: str, inputs: dict[str, str], st
     try:
         produced = STAGE_TYPES[stage.type].run(resolved, tmp_out, work)
     except GateFailure as err:
-        status, error = "gates_failed", str(err)
-        produced = {"report": "report.json", "html": "report.html", "markdown": "report.md"}
+        status, error, produced = "gates_failed", str(err), err.outputs
     except KeyboardInterrupt:
         record.update(status="failed", error="interrupted", seconds=round(time.time() - started, 1))
         _write_json(stage_dir / _STAGE_JSON, record)
@@ -625,8 +676,27 @@ def _cli(args: Any) -> int:
 
 
 def _print_summary(recipe: Recipe, results: list[StageResult], seconds: float) -> None:
+    run_dir = Path(recipe.run_dir)
     print()
     print(f"{'stage':<20}{'type':<10}{'status':<14}{'seconds':>9}")
     for r in results:
         print(f"{r.name:<20}{r.type:<10}{r.status:<14}{r.seconds:>9.1f}")
-    print(f"total: {seconds:.1f} s, run directory: {recipe.run_dir}")
+    print(f"total: {seconds:.1f} s, run directory: {run_dir}")
+    for r in results:
+        if r.status == "gates_failed":
+            print(f"gates FAILED in {r.name}: {r.error}")
+    states = {s.name: _read_stage(run_dir / s.name) or {} for s in recipe.stages}
+    if recipe.summary:
+        name = _parse_ref(recipe.summary)[0]
+        state = states.get(name, {})
+        if state.get("status") in ("done", "gates_failed"):
+            out = run_dir / name / "out"
+            table = out / state["outputs"].get("table", "table.txt")
+            if table.is_file():
+                print(f"\n{name}:\n{table.read_text()}", end="")
+            print(f"report: {out / state['outputs']['html']}")
+    if recipe.deploy:
+        name, key = _parse_ref(recipe.deploy)
+        state = states.get(name, {})
+        if state.get("status") == "done":
+            print(f"ready to deploy: {run_dir / name / 'out' / state['outputs'][key or 'bundle']}")

@@ -97,6 +97,7 @@ def test_run_skip_and_rerun_after_change(tmp_path, capsys):
 @pytest.mark.parametrize("edit, message", [
     (lambda r: r.replace("name: t", "name: t\nrun_dri: x"), "unknown key(s) ['run_dri']"),
     (lambda r: r.replace("    set: {steps: 2}", "    sett: {steps: 2}"), "stages.first: unknown key(s) ['sett']"),
+    (lambda r: r.replace("    set: {steps: 2}", "    set: {stepz: 2}"), "unknown key(s) ['stepz']"),
     (lambda r: r.replace("type: export", "type: exprot"), "unknown stage type 'exprot'"),
     (lambda r: r.replace('"@second"', '"@secnd"'), "'@secnd' does not name an earlier stage"),
     (lambda r: r.replace('"@second"', "/no/such/model.safetensors"), "path not found: /no/such/model.safetensors"),
@@ -171,3 +172,31 @@ def test_sigkill_mid_distill_resumes_without_redoing_work(tmp_path):
     logged = [json.loads(line)["step"] for line in (run / "second" / "work" / "train" / "metrics.jsonl").open()]
     assert logged == list(range(1, steps + 1))  # no step trained twice, none lost
     assert _stage(run, "bundle")["status"] == "done"
+
+
+# The shipped demo recipe, shrunk (few steps, few samples): every stage type runs end to end.
+DEMO_SHRINK = ["stages.student.set.steps=6", "stages.student.set.save_every=3", "stages.student.set.batch_size=16",
+               "stages.student.set.data.train_size=64", "stages.student.set.threads=1",
+               "stages.student_int8.calib_samples=4", "stages.vs_teacher.samples=8", "stages.vs_student.samples=8",
+               "stages.vs_teacher.latency=false", "stages.vs_student.latency=false"]
+
+
+@pytest.mark.slow
+def test_demo_recipe_end_to_end_shrunk(tmp_path, capsys):
+    root = Path(__file__).resolve().parents[2]
+    os.chdir(root)
+    code = main(["pipeline", "recipes/demo.yaml", *DEMO_SHRINK, "--run-dir", str(tmp_path / "demo")])
+    out = capsys.readouterr().out
+    # 6 steps make a student that fails the INT8 gates or passes them; both are a complete run
+    assert code in (0, 1), out
+    run = tmp_path / "demo"
+    for name in ("student", "teacher_fp32", "student_fp32", "student_fp16", "student_int8", "vs_teacher",
+                 "vs_student"):
+        assert _stage(run, name)["status"] in ("done", "gates_failed"), name
+    manifest = json.loads((run / "student_int8" / "out" / "bundle" / "manifest.json").read_text())
+    assert {g["precision"] for g in manifest["graphs"].values()} <= {"int8-dynamic", "int8-static"}
+    report = json.loads((run / "vs_teacher" / "out" / "report.json").read_text())
+    assert len(report["candidates"]) == 4
+    assert "teacher FP32" in out and "student INT8" in out  # the summary table
+    assert f"ready to deploy: {run / 'student_int8' / 'out' / 'bundle'}" in out
+    assert (run / "vs_teacher" / "out" / "report.html").is_file()
