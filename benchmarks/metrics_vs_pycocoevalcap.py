@@ -1,4 +1,4 @@
-"""Our BLEU-4 / CIDEr-D (``coca_edge.distill.metrics``) against pycocoevalcap's ``Bleu(4)`` and
+"""Our BLEU-4 / CIDEr-D (``coca_edge.data.metrics``) against pycocoevalcap's ``Bleu(4)`` and
 ``Cider`` on a fixed, seeded caption set, and the golden file the unit test checks.
 
 Not a test and not a dependency: it needs ``pip install pycocoevalcap`` (a 104 MB wheel that
@@ -59,7 +59,7 @@ def pycocoevalcap_scores(predictions: list[str], references: list[list[str]]) ->
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
 
-    from coca_edge.distill.metrics import caption_tokens
+    from coca_edge.data.metrics import caption_tokens
 
     res = {i: [" ".join(caption_tokens(p))] for i, p in enumerate(predictions)}
     gts = {i: [" ".join(caption_tokens(r)) for r in refs] for i, refs in enumerate(references)}
@@ -72,7 +72,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--write", action="store_true", help=f"rewrite {GOLDEN.relative_to(GOLDEN.parents[2])}")
     args = ap.parse_args()
-    from coca_edge.distill.metrics import bleu4, cider_d
+    from coca_edge.data.metrics import bleu4, cider_d
 
     import pycocoevalcap
 

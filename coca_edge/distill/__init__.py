@@ -7,7 +7,7 @@ from .config import (KD_TERMS, LOSS_TERMS, DataConfig, EvalConfig, LossConfig, O
                      TrainConfig, TrainConfigError, load_config)
 from .losses import (FeatureProjector, VocabSubset, affinity_loss, caption_kd_loss, caption_loss, contrastive_loss,
                      feature_loss)
-from .metrics import bleu4, cider_d
+from ..data.metrics import bleu4, cider_d
 from .trainer import TrainResult, distill, train
 
 __all__ = [

@@ -15,7 +15,7 @@ from ..data import PreprocessConfig, normalize, score_captions, synthetic_tasks
 from ..models import CoCa
 from ..models.generate import greedy_generate
 from ..tokenizer import Tokenizer
-from .metrics import bleu4, cider_d
+from ..data.metrics import bleu4, cider_d
 
 __all__ = ["Evaluator", "ZERO_SHOT_TASKS"]
 

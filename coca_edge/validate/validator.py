@@ -393,8 +393,8 @@ def score_tasks(data: EvalData, texts: Sequence[str], out: ModelOutputs) -> dict
     """Absolute task metrics of one model's outputs: ``{"metrics", "tasks", "preds"}`` (``preds``: per
     zero-shot task the predicted class per image, for agreement with the reference)."""
     from ..data import score_captions
+    from ..data.metrics import bleu4, cider_d
 
-    bleu4, cider_d = _caption_metric_fns()
     metrics, tasks, preds = {}, {}, {}
     text_row = {t: i for i, t in enumerate(texts)}
 
@@ -438,23 +438,6 @@ def score_tasks(data: EvalData, texts: Sequence[str], out: ModelOutputs) -> dict
             metrics["hallucination_rate"] = caps["hallucination_rate"]
         tasks["captioning"] = caps
     return {"metrics": metrics, "tasks": tasks, "preds": preds}
-
-
-def _caption_metric_fns():
-    """BLEU-4 and CIDEr-D from ``coca_edge/distill/metrics.py``, which is numpy-only; on a torch-free
-    install the ``coca_edge.distill`` package itself (its __init__ imports torch) cannot be imported."""
-    try:
-        from ..distill.metrics import bleu4, cider_d
-    except ImportError:
-        import importlib.util
-        from pathlib import Path
-
-        path = Path(__file__).resolve().parent.parent / "distill" / "metrics.py"
-        spec = importlib.util.spec_from_file_location("coca_edge_caption_metrics", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        bleu4, cider_d = module.bleu4, module.cider_d
-    return bleu4, cider_d
 
 
 def _sha(path: os.PathLike) -> str:

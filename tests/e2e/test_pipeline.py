@@ -177,7 +177,7 @@ def test_sigkill_mid_distill_resumes_without_redoing_work(tmp_path):
 # The shipped demo recipe, shrunk (few steps, few samples): every stage type runs end to end.
 DEMO_SHRINK = ["stages.student.set.steps=6", "stages.student.set.save_every=3", "stages.student.set.batch_size=16",
                "stages.student.set.data.train_size=64", "stages.student.set.threads=1",
-               "stages.student_int8.calib_samples=4", "stages.vs_teacher.samples=8", "stages.vs_student.samples=8",
+               "stages.student_int8.calib_samples=4", "stages.student_int8.gates=null", "stages.vs_teacher.samples=8", "stages.vs_student.samples=8",
                "stages.vs_teacher.latency=false", "stages.vs_student.latency=false"]
 
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from coca_edge.distill.metrics import bleu4, cider_d
+from coca_edge.data.metrics import bleu4, cider_d
 
 
 def test_bleu4_identity_and_hand_computed():

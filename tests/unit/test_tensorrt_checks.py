@@ -258,7 +258,7 @@ def b32_bundles(tmp_path_factory):
                                     calib="synthetic-scenes:train", calib_samples=8)}
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_vit_b32_bundles_pass_every_check(variant, b32_bundles):
     """coca_ViT-B-32 (random weights): FP32, FP16 and INT8 pass the ops, Q/DQ and profile checks."""
