@@ -115,11 +115,23 @@ def _dynamic(job: GraphJob) -> dict[str, Any]:
 
     cfg: Int8DynamicConfig = job.config
     _check_nodes(job, cfg.exclude_nodes)
+    excluded = _excluded(job, cfg)
     with _quiet():
         quantize_dynamic(job.source, job.target, weight_type=_qtype(cfg.weight_type), per_channel=cfg.per_channel,
                          reduce_range=cfg.reduce_range, op_types_to_quantize=list(cfg.op_types),
-                         nodes_to_exclude=list(cfg.exclude_nodes))
-    return {}
+                         nodes_to_exclude=excluded)
+    return {"kept_fp32": excluded}
+
+
+def _excluded(job: GraphJob, cfg: Any) -> list[str]:
+    """The configured exclusions plus, with ``keep_logits``, the op producing the decoder's logits."""
+    excluded = list(cfg.exclude_nodes)
+    if cfg.keep_logits:
+        import onnx
+
+        head = _producers(onnx.load(str(job.source), load_external_data=False), "logits")
+        excluded += [n for n in head if n not in excluded]
+    return excluded
 
 
 @register(Int8StaticConfig)
@@ -162,7 +174,7 @@ def _static(job: GraphJob) -> dict[str, Any]:
             quantize_static(job.source, job.target, reader, quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=list(cfg.op_types), per_channel=cfg.per_channel,
                             activation_type=_qtype(cfg.activation_type), weight_type=_qtype(cfg.weight_type),
-                            nodes_to_exclude=list(cfg.exclude_nodes), calibrate_method=method,
+                            nodes_to_exclude=_excluded(job, cfg), calibrate_method=method,
                             extra_options=extra, calibration_cache_path=cached if hit else written)
         if not hit:
             store_ranges(written, cached)

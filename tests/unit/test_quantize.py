@@ -21,7 +21,7 @@ from coca_edge.quantize import (
     preset_plan,
     quantize,
 )
-from coca_edge.quantize.methods import count_ops
+from coca_edge.quantize.methods import _producers, count_ops
 from coca_edge.runtime import EdgeCoCa
 
 GRAPHS = ("image_encoder", "text_encoder", "cross_kv", "decoder")
@@ -103,6 +103,20 @@ def test_fp16_keeps_logits_and_blocked_ops_fp32(tiny_bundle, tmp_path):
     producers = {o: n for n in model.graph.node for o in n.output}
     feeding = [producers[i] for i in nodes[blocked[-1]].input if i in producers]
     assert any(p.op_type == "Cast" and p.attribute[0].i == 1 for p in feeding)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_int8_keeps_the_logits_head_fp32_by_default(tiny_bundle, tmp_path, keep):
+    src, _ = tiny_bundle
+    plan = {g: Fp32Config() for g in GRAPHS}
+    plan["decoder"] = Int8DynamicConfig(keep_logits=keep)
+    out = quantize(src, plan, tmp_path / "q", progress=False)
+    head = _producers(onnx.load(str(src / "decoder.onnx"), load_external_data=False), "logits")
+    assert head  # the vocabulary projection MatMul (and what follows it)
+    assert _manifest(out)["graphs"]["decoder"]["quantization"]["kept_fp32"] == (head if keep else [])
+    out_nodes = {n.name: n.op_type for n in onnx.load(str(out / "decoder.onnx")).graph.node}
+    assert (out_nodes.get(head[-1]) == "MatMul") is keep  # else MatMulInteger
+    assert count_ops(out / "decoder.onnx").get("MatMulInteger", 0) > 0
 
 
 def test_excluded_nodes_stay_fp32(tiny_bundle, tmp_path, cache_dir):
