@@ -12,13 +12,14 @@ search gathers the cache rows of the surviving beams (one copy, only of what sur
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from .runners import Runner
 
-__all__ = ["GenerationConfig", "DecoderLayout", "GenerationOutput", "generate", "decoder_feed", "STRATEGIES"]
+__all__ = ["GenerationConfig", "DecoderLayout", "GenerationOutput", "HostState", "generate", "generate_with",
+           "decoder_feed", "STRATEGIES"]
 
 STRATEGIES = ("greedy", "beam", "top_k", "top_p")
 
@@ -105,22 +106,50 @@ def decoder_feed(ids: np.ndarray, past: tuple[np.ndarray, np.ndarray], cross: np
     return feed
 
 
-def _step(decoder: Runner, ids: np.ndarray, past: tuple[np.ndarray, np.ndarray], cross: np.ndarray):
-    out = decoder.run(decoder_feed(ids, past, cross))
-    return out["logits"][:, -1, :], (out["present_text"], out["present_decoder"])
+class HostState:
+    """The decoder's state for the numpy loop: host arrays fed to ``decoder.run`` each step.
+
+    ``repeat`` copies each image's cross K/V for its beams. Another state (device-resident
+    caches, ``runtime.iobinding``) plugs into the same loops by offering ``step`` and ``select``.
+    """
+
+    def __init__(self, decoder: Runner, cross: np.ndarray, layout: DecoderLayout, repeat: int = 1):
+        self.decoder = decoder
+        self.cross = np.repeat(cross, repeat, axis=2) if repeat > 1 else cross
+        self.past = layout.empty_past(self.cross.shape[2], cross.dtype)
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        """Run one step; returns the last position's logits and keeps ``present`` as the next past."""
+        out = self.decoder.run(decoder_feed(ids, self.past, self.cross))
+        self.past = (out["present_text"], out["present_decoder"])
+        return out["logits"][:, -1, :]
+
+    def select(self, rows: np.ndarray, cross: bool) -> None:
+        """Keep (or reorder to) these batch rows of the cache, and of the cross K/V if ``cross``."""
+        self.past = (self.past[0][:, :, rows], self.past[1][:, :, rows])
+        if cross:
+            self.cross = self.cross[:, :, rows]
 
 
 def generate(decoder: Runner, cross_kv: np.ndarray, layout: DecoderLayout,
              config: GenerationConfig = GenerationConfig()) -> GenerationOutput:
     """Generate captions for the images whose cross-attention K/V is ``cross_kv`` ``[L, 2, B, H, N, D]``."""
+    return generate_with(lambda repeat: HostState(decoder, cross_kv, layout, repeat), cross_kv, layout, config)
+
+
+def generate_with(make_state: Callable[[int], Any], cross_kv: np.ndarray, layout: DecoderLayout,
+                  config: GenerationConfig = GenerationConfig()) -> GenerationOutput:
+    """The generation loops over any decoder state: ``make_state(repeat)`` returns an object with
+    ``step(ids) -> logits`` and ``select(rows, cross)`` (see ``HostState``)."""
     if 1 + config.max_new_tokens > layout.context_length:
         raise ValueError(f"max_new_tokens={config.max_new_tokens} plus the start token exceeds the model's "
                          f"context length {layout.context_length}")
     if cross_kv.ndim != 6 or cross_kv.shape[2] == 0:
         raise ValueError(f"cross_kv must be [layers, 2, batch>0, heads, tokens, head_dim], got {cross_kv.shape}")
+    batch = cross_kv.shape[2]
     if config.strategy == "beam" and config.num_beams > 1:
-        return _beam_search(decoder, cross_kv, layout, config)
-    return _sample(decoder, cross_kv, layout, config)
+        return _beam_search(make_state(config.num_beams), batch, layout, config)
+    return _sample(make_state(1), batch, layout, config)
 
 
 def _pick(logits: np.ndarray, config: GenerationConfig, rng: np.random.Generator) -> np.ndarray:
@@ -146,15 +175,13 @@ def _pick(logits: np.ndarray, config: GenerationConfig, rng: np.random.Generator
     return np.array([rng.choice(probs.shape[-1], p=p) for p in probs])
 
 
-def _sample(decoder: Runner, cross: np.ndarray, layout: DecoderLayout, config: GenerationConfig) -> GenerationOutput:
-    batch = cross.shape[2]
+def _sample(state: Any, batch: int, layout: DecoderLayout, config: GenerationConfig) -> GenerationOutput:
     rng = np.random.default_rng(config.seed)
     active = np.arange(batch)
-    past = layout.empty_past(batch, cross.dtype)
     ids = np.full((batch, 1), layout.sot_token_id, dtype=np.int64)
     sequences: list[list[int]] = [[] for _ in range(batch)]
     for step in range(config.max_new_tokens):
-        logits, present = _step(decoder, ids, past, cross)
+        logits = state.step(ids)
         if step < config.min_new_tokens:
             logits = logits.copy()
             logits[:, layout.eot_token_id] = -np.inf
@@ -165,15 +192,13 @@ def _sample(decoder: Runner, cross: np.ndarray, layout: DecoderLayout, config: G
         if not keep.any() or step + 1 == config.max_new_tokens:
             break
         if not keep.all():
-            present = (present[0][:, :, keep], present[1][:, :, keep])
-            cross, active, tokens = cross[:, :, keep], active[keep], tokens[keep]
-        past = present
+            state.select(np.flatnonzero(keep), cross=True)
+            active, tokens = active[keep], tokens[keep]
         ids = tokens.astype(np.int64)[:, None]
     return GenerationOutput(sequences)
 
 
-def _beam_search(decoder: Runner, cross: np.ndarray, layout: DecoderLayout,
-                 config: GenerationConfig) -> GenerationOutput:
+def _beam_search(state: Any, batch: int, layout: DecoderLayout, config: GenerationConfig) -> GenerationOutput:
     """Beam search; a hypothesis' score is its summed log-probability / (tokens ** length_penalty).
 
     Per step the 2 * num_beams best continuations are ranked (ties by token index); an end
@@ -181,9 +206,6 @@ def _beam_search(decoder: Runner, cross: np.ndarray, layout: DecoderLayout,
     continue. An image is done once it holds num_beams closed hypotheses.
     """
     nb = config.num_beams
-    batch = cross.shape[2]
-    cross = np.repeat(cross, nb, axis=2)
-    past = layout.empty_past(batch * nb, cross.dtype)
     scores = np.full((batch, nb), -1e9)
     scores[:, 0] = 0.0  # only one live beam at the start, so beams do not duplicate
     seqs: list[list[int]] = [[] for _ in range(batch * nb)]
@@ -191,8 +213,7 @@ def _beam_search(decoder: Runner, cross: np.ndarray, layout: DecoderLayout,
     done = np.zeros(batch, dtype=bool)
     ids = np.full((batch * nb, 1), layout.sot_token_id, dtype=np.int64)
     for step in range(config.max_new_tokens):
-        logits, present = _step(decoder, ids, past, cross)
-        logp = _log_softmax(logits)
+        logp = _log_softmax(state.step(ids))
         if step < config.min_new_tokens:
             logp[:, layout.eot_token_id] = -np.inf
         vocab = logp.shape[-1]
@@ -224,7 +245,7 @@ def _beam_search(decoder: Runner, cross: np.ndarray, layout: DecoderLayout,
         scores = next_scores
         if done.all() or step + 1 == config.max_new_tokens:
             break
-        past = (present[0][:, :, select], present[1][:, :, select])
+        state.select(select, cross=False)  # beams stay within their image: its cross K/V is unchanged
         ids = next_tokens[:, None]
     out, best_scores = [], []
     length = config.max_new_tokens

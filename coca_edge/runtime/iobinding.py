@@ -12,8 +12,10 @@ Rows that finish (greedy / sampling) and beam reordering need a gather of cache 
 runs on the device too, in a one-node ONNX ``Gather`` session on the decoder's providers
 (built with ``onnx.helper``; onnx comes with the ORT extras).
 
-Token choice is the numpy loop's own code (``_pick``, ``_log_softmax``, ``_top_candidates``),
-so both loops give the same tokens (tested on the CPU provider).
+The loops themselves (greedy / sampling / beam search) are the numpy loop's own
+(``generation.generate_with``); this module only supplies the decoder state they drive
+(``_DeviceState``: ``step`` and ``select``), so both give the same tokens (tested on the CPU
+provider).
 """
 from __future__ import annotations
 
@@ -21,8 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .generation import (DecoderLayout, GenerationConfig, GenerationOutput, _log_softmax, _pick,
-                         _top_candidates)
+from .generation import DecoderLayout, GenerationConfig, GenerationOutput, generate_with
 from .runners import OrtRunner
 
 __all__ = ["IoBindingGenerator"]
@@ -88,123 +89,43 @@ class IoBindingGenerator:
         session.run_with_iobinding(io)
         return list(io.get_outputs())
 
-    def _step(self, ids: np.ndarray, past: Sequence, cross: Sequence):
+    def _step(self, ids: np.ndarray, past: Sequence, cross: Sequence, cross_names: Sequence[str]):
         io = self.session.io_binding()
         io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         io.bind_ortvalue_input("past_text", past[0])
         io.bind_ortvalue_input("past_decoder", past[1])
-        for name, value in zip(self._cross_names, cross):
+        for name, value in zip(cross_names, cross):
             io.bind_ortvalue_input(name, value)
         io.bind_output("logits", "cpu")
         io.bind_output("present_text", self.device, self.device_id)
         io.bind_output("present_decoder", self.device, self.device_id)
         self.session.run_with_iobinding(io)
         logits, present_text, present_decoder = io.get_outputs()
-        return logits.numpy()[:, -1, :], (present_text, present_decoder)
+        return logits.numpy()[:, -1, :], [present_text, present_decoder]
 
     # -- generation ----------------------------------------------------------------------
     def generate(self, cross_kv: np.ndarray, layout: DecoderLayout,
                  config: GenerationConfig = GenerationConfig()) -> GenerationOutput:
         """Same contract and tokens as :func:`coca_edge.runtime.generation.generate`."""
-        if 1 + config.max_new_tokens > layout.context_length:
-            raise ValueError(f"max_new_tokens={config.max_new_tokens} plus the start token exceeds the model's "
-                             f"context length {layout.context_length}")
-        if cross_kv.ndim != 6 or cross_kv.shape[2] == 0:
-            raise ValueError(f"cross_kv must be [layers, 2, batch>0, heads, tokens, head_dim], got {cross_kv.shape}")
-        self._cross_names = [f"cross_{kv}_{i}" for i in range(cross_kv.shape[0]) for kv in ("k", "v")]
-        if config.strategy == "beam" and config.num_beams > 1:
-            return self._beam_search(cross_kv, layout, config)
-        return self._sample(cross_kv, layout, config)
+        return generate_with(lambda repeat: _DeviceState(self, cross_kv, layout, repeat), cross_kv, layout, config)
 
-    def _upload_cross(self, cross: np.ndarray) -> list:
-        return [self._upload(cross[i, j]) for i in range(cross.shape[0]) for j in range(2)]
 
-    def _reorder_past(self, present: Sequence, index: np.ndarray, dtype: np.dtype) -> list:
-        return self._gather(present, index, axis=2, dtype=dtype, rank=6)
+class _DeviceState:
+    """``generation.HostState`` with the caches and cross K/V as device ``OrtValue`` s."""
 
-    def _sample(self, cross: np.ndarray, layout: DecoderLayout, config: GenerationConfig) -> GenerationOutput:
-        batch, dtype = cross.shape[2], cross.dtype
-        rng = np.random.default_rng(config.seed)
-        active = np.arange(batch)
-        past = [self._upload(p) for p in layout.empty_past(batch, dtype)]
-        cross_values = self._upload_cross(cross)
-        ids = np.full((batch, 1), layout.sot_token_id, dtype=np.int64)
-        sequences: list[list[int]] = [[] for _ in range(batch)]
-        for step in range(config.max_new_tokens):
-            logits, present = self._step(ids, past, cross_values)
-            if step < config.min_new_tokens:
-                logits = logits.copy()
-                logits[:, layout.eot_token_id] = -np.inf
-            tokens = _pick(logits, config, rng)
-            for row, token in zip(active, tokens):
-                sequences[row].append(int(token))
-            keep = tokens != layout.eot_token_id
-            if not keep.any() or step + 1 == config.max_new_tokens:
-                break
-            if not keep.all():
-                rows = np.flatnonzero(keep)
-                present = self._reorder_past(present, rows, dtype)
-                cross_values = self._gather(cross_values, rows, axis=0, dtype=dtype, rank=4)
-                active, tokens = active[keep], tokens[keep]
-            past = present
-            ids = tokens.astype(np.int64)[:, None]
-        return GenerationOutput(sequences)
+    def __init__(self, gen: IoBindingGenerator, cross: np.ndarray, layout: DecoderLayout, repeat: int):
+        self.gen, self.dtype = gen, cross.dtype
+        if repeat > 1:
+            cross = np.repeat(cross, repeat, axis=2)
+        self.cross_names = [f"cross_{kv}_{i}" for i in range(cross.shape[0]) for kv in ("k", "v")]
+        self.cross = [gen._upload(cross[i, j]) for i in range(cross.shape[0]) for j in range(2)]
+        self.past = [gen._upload(p) for p in layout.empty_past(cross.shape[2], cross.dtype)]
 
-    def _beam_search(self, cross: np.ndarray, layout: DecoderLayout, config: GenerationConfig) -> GenerationOutput:
-        """The numpy loop's beam search (see ``generation._beam_search``) with the caches on the device."""
-        nb = config.num_beams
-        batch, dtype = cross.shape[2], cross.dtype
-        cross_values = self._upload_cross(np.repeat(cross, nb, axis=2))
-        past = [self._upload(p) for p in layout.empty_past(batch * nb, dtype)]
-        scores = np.full((batch, nb), -1e9)
-        scores[:, 0] = 0.0
-        seqs: list[list[int]] = [[] for _ in range(batch * nb)]
-        hyps: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
-        done = np.zeros(batch, dtype=bool)
-        ids = np.full((batch * nb, 1), layout.sot_token_id, dtype=np.int64)
-        for step in range(config.max_new_tokens):
-            logits, present = self._step(ids, past, cross_values)
-            logp = _log_softmax(logits)
-            if step < config.min_new_tokens:
-                logp[:, layout.eot_token_id] = -np.inf
-            vocab = logp.shape[-1]
-            cand = (scores.reshape(-1, 1) + logp).reshape(batch, nb * vocab)
-            select = np.zeros(batch * nb, dtype=np.int64)
-            next_tokens = np.full(batch * nb, layout.pad_token_id, dtype=np.int64)
-            next_scores = scores.copy()
-            for b in range(batch):
-                if done[b]:
-                    select[b * nb:(b + 1) * nb] = np.arange(b * nb, (b + 1) * nb)
-                    continue
-                kept = 0
-                for rank, flat in enumerate(_top_candidates(cand[b], 2 * nb)):
-                    beam, token, score = int(flat // vocab), int(flat % vocab), float(cand[b, flat])
-                    if token == layout.eot_token_id:
-                        if rank < nb:
-                            hyps[b].append((score / (step + 1) ** config.length_penalty,
-                                            seqs[b * nb + beam] + [token]))
-                        continue
-                    select[b * nb + kept] = b * nb + beam
-                    next_tokens[b * nb + kept] = token
-                    next_scores[b, kept] = score
-                    kept += 1
-                    if kept == nb:
-                        break
-                if len(hyps[b]) >= nb:
-                    done[b] = True
-            seqs = [seqs[s] + [int(t)] for s, t in zip(select, next_tokens)]
-            scores = next_scores
-            if done.all() or step + 1 == config.max_new_tokens:
-                break
-            past = self._reorder_past(present, select, dtype)
-            ids = next_tokens[:, None]
-        out, best_scores = [], []
-        length = config.max_new_tokens
-        for b in range(batch):
-            if not done[b]:
-                for k in range(nb):
-                    hyps[b].append((scores[b, k] / length ** config.length_penalty, seqs[b * nb + k]))
-            score, tokens = max(hyps[b], key=lambda h: h[0])
-            out.append(tokens)
-            best_scores.append(float(score))
-        return GenerationOutput(out, best_scores)
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        logits, self.past = self.gen._step(ids, self.past, self.cross, self.cross_names)
+        return logits
+
+    def select(self, rows: np.ndarray, cross: bool) -> None:
+        self.past = self.gen._gather(self.past, rows, axis=2, dtype=self.dtype, rank=6)
+        if cross:
+            self.cross = self.gen._gather(self.cross, rows, axis=0, dtype=self.dtype, rank=4)
