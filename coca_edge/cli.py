@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     models = sub.add_parser("models", help="list architecture presets with parameter counts per tower",
                             description="List the architecture presets (JSON data in coca_edge/models/presets) "
-                                        "with parameter counts per tower.")
+                                        "with parameter counts per tower.",
+        epilog='example:\n  coca-edge models            # table with parameter counts per tower and the ratio to coca_ViT-B-32\n  coca-edge models --json -v', formatter_class=argparse.RawDescriptionHelpFormatter)
     models.add_argument("--json", action="store_true", help="machine-readable output")
     models.add_argument("-v", "--verbose", action="store_true", help="also print each preset's description")
     models.set_defaults(func=_cmd_models)

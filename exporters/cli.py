@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "export", help="export a checkpoint (or a preset with random weights) to an ONNX bundle",
         description="Export split ONNX graphs (image_encoder, text_encoder, cross_kv, KV-cached decoder) "
                     "plus config, tokenizer and a hashed manifest. Every graph is validated against PyTorch "
-                    "on shapes that differ from the export shapes before the bundle is written.")
+                    "on shapes that differ from the export shapes before the bundle is written.",
+        epilog='examples:\n  coca-edge export recipes/demo_teacher/model.safetensors --out bundles/demo\n  coca-edge export ~/hub/coca_ViT-L-14 --out bundles/l14          # an open_clip snapshot directory\n  coca-edge export model.bin --preset coca_ViT-B-32 --out bundles/b32\n  coca-edge export test-tiny --out bundles/tiny                   # a preset with random weights', formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="open_clip / coca-edge checkpoint file or snapshot directory, or a preset name "
                                  "(see `coca-edge models`; presets get seeded random weights, for testing)")
     p.add_argument("--out", required=True, help="bundle directory to create")

@@ -15,7 +15,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "folder with engines.json (TensorRT version, GPU compute capability, profiles). Structural checks "
                     "(ops, Q/DQ rules, profiles) run first and need no TensorRT; the equivalent trtexec command lines "
                     "are printed too. The TensorRT path has not yet been run on hardware: run scripts/gpu-check.sh "
-                    "on a device and record the result.")
+                    "on a device and record the result.",
+        epilog="examples (on the GPU device, with TensorRT installed):\n"
+               "  coca-edge build-engine bundles/demo --precision fp16\n"
+               "  coca-edge build-engine bundles/demo-trt-int8 --precision int8 --max-batch 4\n"
+               "  coca-edge build-engine bundles/demo --print-trtexec      # also print the trtexec command lines",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", help="bundle directory (FP32, FP16, or INT8 quantized with the `tensorrt` preset)")
     p.add_argument("--precision", choices=("fp32", "fp16", "int8", "best"), default="fp16",
                    help="fp16 (default); int8 needs explicit Q/DQ (tensorrt preset) - no implicit calibration; "

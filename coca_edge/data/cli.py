@@ -112,7 +112,8 @@ def _tasks(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``data`` command (``preview``, ``generate``, ``tasks``)."""
-    data = subparsers.add_parser("data", help="datasets: preview samples, write synthetic-scenes to disk, list tasks")
+    data = subparsers.add_parser("data", help="datasets: preview samples, write synthetic-scenes to disk, list tasks",
+        epilog='examples:\n  coca-edge data preview --dataset synthetic-scenes --split val --n 16 --out preview.png\n  coca-edge data generate --out demo_images --split val --n 4\n  coca-edge data tasks', formatter_class=argparse.RawDescriptionHelpFormatter)
     data.set_defaults(func=lambda _args: (data.print_help(), 2)[1])
     sub = data.add_subparsers(dest="data_command", metavar="{preview,generate,tasks}")
 

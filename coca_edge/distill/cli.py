@@ -28,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser(
         "train", help="train or fine-tune a CoCa model (contrastive + captioning)",
         description="CoCa training / fine-tuning: loss = w_con * contrastive + w_cap * caption. "
-                    "Runs under torchrun for DDP.")
+                    "Runs under torchrun for DDP.",
+        epilog='examples:\n  coca-edge train recipes/demo_teacher.yaml\n  coca-edge train recipes/demo_teacher.yaml --resume            # continue where it stopped\n  coca-edge train --model coca_ViT-B-32 --init ~/hub/coca-b32 --set data.dataset=my.tsv --output-dir runs/ft', formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(train)
     train.add_argument("--model", help="architecture preset or config.json (config: model)")
     train.add_argument("--init", help="'scratch' or a checkpoint to fine-tune (config: init)")
@@ -37,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "distill", help="distill a teacher into a smaller student",
         description="Teacher -> student distillation: ground-truth losses plus affinity, feature and "
                     "caption KD (on ground-truth captions: loss.caption_kd; on captions the teacher generates: "
-                    "loss.caption_seq_kd) from cached teacher outputs.")
+                    "loss.caption_seq_kd) from cached teacher outputs.",
+        epilog='examples:\n  coca-edge distill recipes/demo_distill.yaml\n  coca-edge distill --teacher runs/ft/final/model.safetensors --student coca_ViT-Ti-32 --steps 20000\n  torchrun --nproc_per_node 2 -m coca_edge.distill.cli distill recipes/demo_distill.yaml   # DDP', formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(distill)
     distill.add_argument("--teacher", help="teacher checkpoint (config: teacher.path)")
     distill.add_argument("--student", help="student architecture preset or config.json (config: model)")

@@ -23,7 +23,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("caption", help="caption images with a bundle",
-                       description="Generate captions with the KV-cached decoder of a bundle.")
+                       description="Generate captions with the KV-cached decoder of a bundle.",
+        epilog='examples:\n  coca-edge caption bundles/demo img1.png img2.png\n  coca-edge caption bundles/demo photo.jpg --strategy beam --num-beams 3 --json', formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(c)
     c.add_argument("--strategy", choices=STRATEGIES, default="greedy")
     c.add_argument("--max-new-tokens", type=int, default=20)
@@ -37,7 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=_caption)
 
     k = sub.add_parser("classify", help="zero-shot classify images with a bundle",
-                       description="Zero-shot classification: each label is embedded through the prompt templates.")
+                       description="Zero-shot classification: each label is embedded through the prompt templates.",
+        epilog='example:\n  coca-edge classify bundles/demo photo.jpg --labels "cat,dog,car" --templates "a photo of a {}."', formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(k)
     k.add_argument("--labels", required=True, help="comma-separated class names, or @FILE with one per line")
     k.add_argument("--templates", default="a photo of a {}.",

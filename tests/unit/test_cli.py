@@ -26,3 +26,12 @@ def test_console_script_help():
     result = subprocess.run([sys.executable, "-m", "coca_edge.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     assert "models" in result.stdout
+
+
+def test_every_command_help_has_an_example():
+    from coca_edge.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    missing = [name for name, p in sub.choices.items() if "example" not in p.format_help().lower()]
+    assert len(sub.choices) >= 11 and not missing, missing
