@@ -283,24 +283,6 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> None:
-    import yaml
-
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise PipelineError(f"override {item!r} is not of the form key=value (e.g. stages.student.set.steps=200)")
-        node: Any = data
-        parts = key.strip().split(".")
-        for i, part in enumerate(parts[:-1]):
-            if not isinstance(node, dict):
-                raise PipelineError(f"override {item!r}: {'.'.join(parts[:i])} is not a section")
-            node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise PipelineError(f"override {item!r}: {'.'.join(parts[:-1])} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
-
-
 def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = (), run_dir: str | None = None,
                 check_paths: bool = True) -> Recipe:
     """Read and check a recipe; nothing runs. ``check_paths=False`` skips the existence checks
@@ -317,7 +299,12 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = (), run_dir:
         raise PipelineError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(data, dict):
         raise PipelineError(f"{path}: expected a mapping at the top level")
-    _apply_overrides(data, overrides)
+    from .distill.config import TrainConfigError, apply_overrides
+
+    try:
+        apply_overrides(data, overrides)
+    except TrainConfigError as err:
+        raise PipelineError(f"{source}: {err} (e.g. stages.student.set.steps=200)") from None
     if run_dir is not None:
         data["run_dir"] = run_dir
     unknown = sorted(set(data) - _RECIPE_KEYS)
