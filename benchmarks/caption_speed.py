@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5, help="interleaved runs per implementation and batch")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--int8-method", choices=("dynamic", "static"), default=None,
+    ap.add_argument("--int8-method", choices=("dynamic", "static", "weight-only"), default=None,
                     help="INT8 method of the cpu preset (default: the preset's choice)")
     ap.add_argument("--calib-samples", type=int, default=64, help="calibration images for static INT8")
     ap.add_argument("--no-quantized", action="store_true", help="FP32 rows only")

@@ -36,6 +36,7 @@ def _variants():
         "int8-static-cpu": lambda: preset_plan("cpu", "int8", "static"),
         "int8-static-arm64": lambda: preset_plan("arm64", "int8", "static"),
         "int8-static-tensorrt": lambda: preset_plan("tensorrt", "int8"),
+        "int8-weight-only": lambda: preset_plan("cpu", "int8", "weight-only"),
         "int4-weight-only": lambda: preset_plan("cpu", "int4"),
     }
 

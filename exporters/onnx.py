@@ -1,6 +1,6 @@
 """ONNX export with built-in validation against PyTorch.
 
-``export_onnx`` writes one ``.onnx`` file per graph (external data only past 2 GB), runs
+``export_onnx`` writes one ``.onnx`` file per graph with its weights in ``<graph>.onnx.data``, runs
 ``onnx.checker`` and shape inference, then runs every graph in ONNX Runtime on shapes that
 differ from the export shapes and compares it with the PyTorch module it came from.
 
@@ -29,7 +29,6 @@ __all__ = ["ExportError", "GraphMismatchError", "export_onnx", "validate_graph",
            "DEFAULT_OPSET", "compare_outputs"]
 
 DEFAULT_OPSET = 20
-_TWO_GB = 2 * 1024**3
 
 # (batch, seq, past): export uses (2, 3, 2); validation deliberately uses other sizes,
 # including a first decode step (past 0), a single-token step and a prefill.
@@ -124,19 +123,15 @@ def _export_one(module: torch.nn.Module, spec: GraphSpec, inputs: dict[str, torc
 
 
 def _finalize(tmp_path: Path, path: Path) -> list[Path]:
-    """Re-save as one file (external data only past 2 GB), check it and infer shapes."""
+    """Re-save with the weights in ``<graph>.onnx.data`` (see ``externalize_weights``), check it
+    and infer shapes."""
     import onnx
 
     model = onnx.load(str(tmp_path), load_external_data=True)
-    large = _byte_size(model) > _TWO_GB
     data_name = path.name + ".data"
-    if large:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-        files = [path, path.with_name(data_name)]
-    else:
-        onnx.save_model(model, str(path))
-        files = [path]
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=1024)
+    files = [path] + ([path.with_name(data_name)] if path.with_name(data_name).exists() else [])
     try:
         onnx.checker.check_model(str(path), full_check=False)
         onnx.shape_inference.infer_shapes_path(str(path), str(path) + ".shapes", check_type=True)
@@ -144,13 +139,6 @@ def _finalize(tmp_path: Path, path: Path) -> list[Path]:
     except Exception as err:  # onnx raises several checker/inference error types
         raise ExportError(f"{path.name}: ONNX checker / shape inference failed: {err}") from err
     return files
-
-
-def _byte_size(model) -> float:
-    try:
-        return model.ByteSize()
-    except Exception:  # protobuf refuses to size a message past 2 GB
-        return float("inf")
 
 
 def _session(path: Path):

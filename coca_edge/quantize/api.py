@@ -1,6 +1,7 @@
 """``quantize(bundle_dir, config, out_dir, calib)``: an FP32 bundle in, a new quantized bundle out."""
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -108,7 +109,7 @@ def _calibration(bundle, plan: dict[str, Any], calib: Any, samples: int | None, 
 
 
 def _write_graphs(bundle, plan, staging: Path, calibration, cache_dir, progress: bool) -> dict[str, dict]:
-    from coca_edge.runtime.bundle import MANIFEST
+    from coca_edge.runtime.bundle import MANIFEST, externalize_weights
 
     from .methods import count_ops
 
@@ -130,11 +131,16 @@ def _write_graphs(bundle, plan, staging: Path, calibration, cache_dir, progress:
         meta = bundle.manifest["graphs"][graph]
         source = bundle.graph_path(graph)
         target = staging / f"{graph}.onnx"
-        job = GraphJob(graph, source, target, cfg, files[meta["file"]]["sha256"], calibration,
+        # with external data the .onnx holds only the structure: the weights' hashes are part of its identity
+        model_sha = files[meta["file"]]["sha256"] if not meta.get("data_files") else hashlib.sha256(
+            "".join(files[f]["sha256"] for f in [meta["file"], *meta["data_files"]]).encode()).hexdigest()
+        job = GraphJob(graph, source, target, cfg, model_sha, calibration,
                        Path(cache_dir) if cache_dir else None, list(meta.get("data_files", [])))
         try:
             info = method_for(cfg)(job)
-            data_files = info.pop("data_files", [])
+            data_files = info.pop("data_files", None)
+            if data_files is None:  # ORT's quantizers write one file; weights go to external data
+                data_files = externalize_weights(target)
         except QuantizeError:
             raise
         except Exception as err:  # ORT's quantizers raise plain exceptions; name the graph and method

@@ -100,11 +100,19 @@ class Int8DynamicConfig(_Config):
     # split, 200 scenes): caption exact-match vs FP32 0.775 with it in INT8, and the fallback
     # only recovered after returning all 107 quantized nodes, the head ranking last by SQNR.
     keep_logits: bool = True
+    # ... and is then stored as 8-bit blocks of 32 weights with a scale each (MatMulNBits, int8
+    # compute per block) instead of FP32: a quarter of its bytes, and per-block scales keep the
+    # near-ties that one per-tensor INT8 scale flips. 0 leaves the head FP32. The head is a quarter
+    # of the coca_ViT-B-32 decoder's bytes, streamed every step (docs/quantization.md).
+    logits_block_bits: int = 8
     kind = "dynamic"
     precision = "int8-dynamic"
 
     def __post_init__(self) -> None:
         _choice(self, "weight_type", INT_TYPES)
+        if self.logits_block_bits not in (0, 4, 8):
+            raise QuantizeError(f"Int8DynamicConfig.logits_block_bits must be 0 (FP32), 4 or 8, "
+                                f"got {self.logits_block_bits!r}")
         _tuple_of_str(self, "op_types")
         _tuple_of_str(self, "exclude_nodes")
         unknown = set(self.op_types) - set(_QUANT_OPS)

@@ -120,7 +120,29 @@ def _dynamic(job: GraphJob) -> dict[str, Any]:
         quantize_dynamic(job.source, job.target, weight_type=_qtype(cfg.weight_type), per_channel=cfg.per_channel,
                          reduce_range=cfg.reduce_range, op_types_to_quantize=list(cfg.op_types),
                          nodes_to_exclude=excluded)
+    head = [n for n in excluded if n not in cfg.exclude_nodes]  # what keep_logits added
+    if cfg.keep_logits and cfg.logits_block_bits and head:
+        _pack_blocks(job.target, head, cfg.logits_block_bits)
+        return {"kept_fp32": [n for n in excluded if n not in head], "logits_block_bits": cfg.logits_block_bits,
+                "block_packed": head}
     return {"kept_fp32": excluded}
+
+
+def _pack_blocks(path: Path, nodes: list[str], bits: int, block_size: int = 32) -> None:
+    """Store the weights of exactly ``nodes`` (MatMuls with a constant weight) of the graph at
+    ``path`` as ``bits``-bit blocks (``MatMulNBits``, int8 compute); every other node is untouched."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    model = onnx.load(str(path))
+    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in nodes]
+    algo = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=4,
+                                        quant_format=QuantFormat.QOperator, bits=bits, op_types_to_quantize=("MatMul",))
+    with _quiet():
+        quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=others, algo_config=algo)
+        quantizer.process()
+    quantizer.model.save_model_to_file(str(path), False)
 
 
 def _excluded(job: GraphJob, cfg: Any) -> list[str]:

@@ -32,7 +32,7 @@ __all__ = ["PRESETS", "PRECISIONS", "METHODS", "preset_plan"]
 
 GRAPHS = ("image_encoder", "text_encoder", "cross_kv", "decoder")
 PRECISIONS = ("fp16", "int8", "int4")
-METHODS = ("dynamic", "static")
+METHODS = ("dynamic", "static", "weight-only")
 
 _CPU_STATIC = Int8StaticConfig(method="percentile", activation_type="uint8", weight_type="int8",
                                op_types=("MatMul", "Gemm", "Gather"), per_channel=True)
@@ -40,6 +40,8 @@ _TRT_STATIC = Int8StaticConfig(method="percentile", activation_type="int8", weig
                                symmetric_activations=True, symmetric_weights=True, per_channel=True,
                                op_types=("MatMul", "Gemm", "Conv"), channel_axis=-1, dedicated_qdq_pair=True)
 _INT4 = WeightOnlyConfig(bits=4, block_size=32, accuracy_level=4)
+# 8-bit blocks for MatMul weights only: ORT packs no 8-bit Gather (GatherBlockQuantized is 4-bit).
+_INT8_WO = WeightOnlyConfig(bits=8, block_size=32, accuracy_level=4, op_types=("MatMul",))
 _MEMORY_BOUND = ("text_encoder", "decoder")
 
 
@@ -51,19 +53,23 @@ def _int4(rest) -> dict:
     return {g: (_INT4 if g in _MEMORY_BOUND else rest) for g in GRAPHS}
 
 
+def _int8_weight_only() -> dict:
+    return {g: (_INT8_WO if g in _MEMORY_BOUND else Int8DynamicConfig()) for g in GRAPHS}
+
+
 # preset -> precision -> method (None: the preset's default) -> plan factory
 PRESETS: dict[str, dict[str, dict[str | None, Callable[[], dict]]]] = {
     "cpu": {
         "fp16": {None: lambda: _all(Fp16Config())},
         "int8": {None: lambda: _all(Int8DynamicConfig()), "dynamic": lambda: _all(Int8DynamicConfig()),
-                 "static": lambda: _all(_CPU_STATIC)},
+                 "static": lambda: _all(_CPU_STATIC), "weight-only": _int8_weight_only},
         "int4": {None: lambda: _int4(Int8DynamicConfig()), "dynamic": lambda: _int4(Int8DynamicConfig()),
                  "static": lambda: _int4(_CPU_STATIC)},
     },
     "arm64": {
         "fp16": {None: lambda: _all(Fp16Config())},
         "int8": {None: lambda: _all(_CPU_STATIC), "static": lambda: _all(_CPU_STATIC),
-                 "dynamic": lambda: _all(Int8DynamicConfig())},
+                 "dynamic": lambda: _all(Int8DynamicConfig()), "weight-only": _int8_weight_only},
         "int4": {None: lambda: _int4(_CPU_STATIC), "static": lambda: _int4(_CPU_STATIC),
                  "dynamic": lambda: _int4(Int8DynamicConfig())},
     },

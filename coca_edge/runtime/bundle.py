@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BundleError", "Bundle", "write_manifest", "sha256_file", "graph_requirements", "required_onnxruntime",
+__all__ = ["BundleError", "Bundle", "write_manifest", "sha256_file", "graph_sha256", "externalize_weights", "graph_requirements", "required_onnxruntime",
            "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "coca-edge-bundle"
@@ -108,6 +108,34 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def graph_sha256(path: str | os.PathLike) -> str:
+    """Identity of a graph: its ``.onnx`` file and, when present, its ``<file>.data`` weights
+    (with external data the ``.onnx`` holds only the structure, so equal files can differ in weights)."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    if not data.is_file():
+        return sha256_file(path)
+    return hashlib.sha256((sha256_file(path) + sha256_file(data)).encode()).hexdigest()
+
+
+def externalize_weights(path: str | os.PathLike) -> list[str]:
+    """Re-save the graph at ``path`` with its weights in ``<file>.data`` beside it (ONNX external
+    data) and return the data file names. ONNX Runtime maps such weights from disk instead of
+    parsing them into memory with the protobuf: measured on coca_ViT-B-32, -21% peak RSS (FP32,
+    batch 1) and -43% cold start (docs/edge.md). Writers only: the runtime never calls this
+    (it needs the ``onnx`` package)."""
+    import onnx
+
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    model = onnx.load(str(path), load_external_data=True)
+    if data.exists():
+        data.unlink()
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+    return [data.name] if data.exists() else []
 
 
 def write_manifest(directory: str | os.PathLike, graphs: dict[str, dict[str, Any]],

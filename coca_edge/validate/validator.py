@@ -441,9 +441,9 @@ def score_tasks(data: EvalData, texts: Sequence[str], out: ModelOutputs) -> dict
 
 
 def _sha(path: os.PathLike) -> str:
-    from ..runtime.bundle import sha256_file
+    from ..runtime.bundle import graph_sha256
 
-    return sha256_file(path)
+    return graph_sha256(path)
 
 
 def validate(reference: str | os.PathLike | ModelUnderTest, candidates: Sequence[str | os.PathLike | ModelUnderTest],
