@@ -1,10 +1,17 @@
 """Shared fixtures: tiny seeded models only (see STYLE: 32 px, 2 layers, width 64)."""
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
 
 from coca_edge.models import CoCa, get_preset
+
+# Caches that loading bundles writes (verified hashes, ORT-optimised graphs, calibration ranges)
+# go to a folder of this test run, not the user's ~/.cache; subprocesses inherit it.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="coca-edge-test-cache-")
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", choices=("default", "lean", "low"), default="default",
                    help="'lean': no activation arena (same speed, less memory); 'low': also each weight once in "
                         "memory and no pre-packed copies (slower; small devices). See docs/edge.md")
+    p.add_argument("--no-optimized-cache", action="store_true",
+                   help="do not keep ONNX Runtime's optimised graphs in $XDG_CACHE_HOME/coca-edge/optimized-graphs "
+                        "(the cache opens sessions ~3x faster the next time and costs one more copy of the weights "
+                        "on disk; docs/edge.md)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -52,7 +56,8 @@ def _load(args: argparse.Namespace):
     from .edge import EdgeCoCa
 
     providers = [p.strip() for p in args.providers.split(",")] if args.providers else None
-    return EdgeCoCa.load(args.bundle, providers=providers, threads=args.threads, memory=args.memory)
+    return EdgeCoCa.load(args.bundle, providers=providers, threads=args.threads, memory=args.memory,
+                         optimized_cache=not args.no_optimized_cache)
 
 
 def _caption(args: argparse.Namespace) -> int:

@@ -53,7 +53,8 @@ class EdgeCoCa:
     @classmethod
     def load(cls, path: str | os.PathLike, providers: Sequence[str] | Mapping[str, Sequence] | None = None,
              threads: int | None = None, verify_hashes: bool = True, memory: str | MemoryConfig = "default",
-             engines: str | os.PathLike | None = None, io_binding: bool = False) -> "EdgeCoCa":
+             engines: str | os.PathLike | None = None, io_binding: bool = False,
+             optimized_cache: bool | str | os.PathLike = True) -> "EdgeCoCa":
         """Verify a bundle directory and open one session per graph.
 
         ``providers`` defaults to TensorRT, CUDA, CPU - those this onnxruntime build has; a mapping
@@ -63,6 +64,10 @@ class EdgeCoCa:
         ``io_binding``: decode with the K/V caches kept on the device (``use_io_binding``).
         ``memory``: ``"default"`` (fastest), ``"low"`` (each weight once in memory, for small
         devices; see docs/edge.md for what it costs) or a ``MemoryConfig``.
+        ``optimized_cache``: keep ORT's optimised graphs per machine and open sessions from them
+        next time (``runtime.optimized``; True: ``$XDG_CACHE_HOME/coca-edge/optimized-graphs``, a
+        folder, or False). Costs one more copy of the weights on disk, saves most of the session
+        opening time.
         """
         if isinstance(memory, str):
             if memory not in MEMORY_PRESETS:
@@ -82,11 +87,17 @@ class EdgeCoCa:
             from .weights import share_initializers
 
             shared = share_initializers({name: bundle.graph_path(name) for name in bundle.manifest["graphs"]})
+        cache_dir = None
+        if optimized_cache:
+            from .optimized import default_cache_dir
+
+            cache_dir = default_cache_dir() if optimized_cache is True else Path(optimized_cache)
         runners: dict[str, Runner] = {
             name: OrtRunner(bundle.graph_path(name), threads=threads, optimization=level,
                             providers=providers.get(name) if isinstance(providers, Mapping) else providers,
                             expected_io=bundle.graph_io(name), name=name, memory=memory,
-                            initializers=shared.get(name, ()), requirement=requirements.get(name))
+                            initializers=shared.get(name, ()), requirement=requirements.get(name),
+                            optimized_cache=cache_dir, identity=_graph_identity(bundle, name))
             for name in bundle.manifest["graphs"]
         }
         edge = cls(bundle, runners, Tokenizer.load(bundle.root))
@@ -255,3 +266,10 @@ def _check_onnxruntime(bundle: Bundle) -> dict[str, str]:
                               f"onnxruntime {installed}{checked}: pip install -U \"onnxruntime>={needed}\" (or "
                               "onnxruntime-gpu)")
     return requirements
+
+
+def _graph_identity(bundle: Bundle, graph: str) -> str:
+    """The manifest's digests of a graph's files (what the optimised-graph cache is keyed on)."""
+    meta = bundle.manifest["graphs"][graph]
+    files = bundle.manifest["files"]
+    return ",".join(files[f]["sha256"] for f in [meta["file"], *meta.get("data_files", [])] if f in files)

@@ -88,10 +88,15 @@ class OrtRunner:
                  threads: int | None = None, optimization: str = "all",
                  expected_io: tuple[list[dict], list[dict]] | None = None, name: str | None = None,
                  memory: MemoryConfig = MemoryConfig(), initializers: Sequence[tuple[str, np.ndarray]] = (),
-                 requirement: str | None = None):
+                 requirement: str | None = None, optimized_cache: str | os.PathLike | None = None,
+                 identity: str = ""):
         """``initializers``: (name, array) pairs the session uses instead of its own copy; the
         arrays must stay alive as long as the session (this runner keeps them). ``requirement``
-        is what the bundle says this graph needs (named in the error when ORT cannot load it)."""
+        is what the bundle says this graph needs (named in the error when ORT cannot load it).
+        ``optimized_cache``: a folder of ORT-optimised graphs (``runtime.optimized``): the session
+        opens from this graph's entry without optimising again, or writes the entry; ``identity``
+        (the manifest's digests of the graph's files) is part of its key. Not used with shared
+        ``initializers`` (optimisation renames and folds them)."""
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -124,10 +129,39 @@ class OrtRunner:
         if missing:
             raise BundleError(f"execution provider(s) {missing} are not available in this onnxruntime build; "
                               f"available: {available}")
-        try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
-        except Exception as err:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
-            raise BundleError(_load_failure(self.path, str(err), ort.__version__, requirement)) from None
+        self.session = None
+        self.opened_from = self.path  # the bundle's graph, or its optimised copy from the cache
+        cache = None
+        if optimized_cache is not None and not initializers and optimization != "none":
+            from .optimized import OptimizedGraphCache
+
+            cache = OptimizedGraphCache(optimized_cache, self.path, identity, providers, optimization)
+            hit = cache.lookup()
+            if hit is not None:
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+                try:
+                    self.session = ort.InferenceSession(str(hit), options, providers=providers)
+                    self.opened_from = hit
+                    cache = None
+                except Exception:  # a damaged entry: rebuild it from the bundle's graph
+                    cache.discard()
+                    options.graph_optimization_level = levels[optimization]
+        if self.session is None:
+            target = cache.staging_model() if cache is not None else None
+            if target is not None:
+                options.optimized_model_filepath = str(target)
+                options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                                 target.name + ".data")
+                options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                                 "1024")
+            try:
+                self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+            except Exception as err:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+                if cache is not None:
+                    cache.discard()
+                raise BundleError(_load_failure(self.path, str(err), ort.__version__, requirement)) from None
+            if target is not None:
+                cache.commit()
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         if expected_io is not None:

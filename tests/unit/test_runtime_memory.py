@@ -198,3 +198,51 @@ def test_cli_memory_option(external_bundle, tmp_path, capsys):
     default = json.loads(capsys.readouterr().out)
     assert main(["caption", str(external_bundle), str(tmp_path / "a.png"), "--memory", "low", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == default
+
+
+def _tokens(model: EdgeCoCa) -> np.ndarray:
+    pixels = np.random.default_rng(0).standard_normal((2, 3, model.image_size, model.image_size)).astype(np.float32)
+    return np.array(model.caption_ids(pixels, max_new_tokens=6).sequences)
+
+
+def test_optimized_graph_cache_reopens_from_the_saved_graphs(bundle_copy, tmp_path):
+    cache = tmp_path / "optimized"
+    plain = EdgeCoCa.load(bundle_copy, optimized_cache=False)
+    first = EdgeCoCa.load(bundle_copy, optimized_cache=cache)
+    assert all(r.opened_from == bundle_copy / f"{g}.onnx" for g, r in first.runners.items())  # wrote the entries
+    entries = sorted(p.name for p in cache.iterdir())
+    assert len(entries) == len(GRAPHS) and not any(e.startswith(".") for e in entries)  # no staging left
+    second = EdgeCoCa.load(bundle_copy, optimized_cache=cache)
+    for g, r in second.runners.items():
+        assert r.opened_from.parent.parent == cache and r.opened_from.name == f"{g}.onnx"
+    assert (_tokens(plain) == _tokens(first)).all() and (_tokens(plain) == _tokens(second)).all()
+
+
+def test_optimized_graph_cache_ignores_changed_entries_and_changed_bundles(bundle_copy, tmp_path):
+    cache = tmp_path / "optimized"
+    EdgeCoCa.load(bundle_copy, optimized_cache=cache)
+    entry = next(p for p in cache.iterdir() if p.name.startswith("decoder-"))
+    with open(entry / "decoder.onnx", "ab") as f:  # a damaged cached graph
+        f.write(b"\0")
+    again = EdgeCoCa.load(bundle_copy, optimized_cache=cache)
+    assert again.runners["decoder"].opened_from == bundle_copy / "decoder.onnx"  # rebuilt, not used
+    assert EdgeCoCa.load(bundle_copy, optimized_cache=cache).runners["decoder"].opened_from.parent.parent == cache
+    # a re-exported (here: touched) graph never meets the entry of its old file
+    (bundle_copy / "decoder.onnx.data").touch()
+    _rewrite_manifest(bundle_copy)
+    assert EdgeCoCa.load(bundle_copy, optimized_cache=cache).runners["decoder"].opened_from == \
+        bundle_copy / "decoder.onnx"
+
+
+def test_unwritable_optimized_graph_cache_still_loads(bundle_copy, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    model = EdgeCoCa.load(bundle_copy, optimized_cache=blocker / "optimized")
+    assert all(r.opened_from.parent == bundle_copy for r in model.runners.values())
+    assert _tokens(model).shape[0] == 2
+
+
+def test_low_memory_sharing_skips_the_optimized_graph_cache(external_bundle, tmp_path):
+    model = EdgeCoCa.load(external_bundle, memory="low", optimized_cache=tmp_path / "optimized")
+    shared = [g for g, r in model.runners.items() if r._initializers]
+    assert shared and all(model.runners[g].opened_from.parent == external_bundle for g in shared)
