@@ -230,6 +230,15 @@ class _Draws:
         """Integer in [lo, hi] inclusive."""
         return lo + min(int(self.u() * (hi - lo + 1)), hi - lo)
 
+    def fork(self) -> "_Draws":
+        """An independent copy that yields the same draws as this one from here on."""
+        bits = type(self._rng.bit_generator)()
+        bits.state = self._rng.bit_generator.state
+        twin = object.__new__(_Draws)
+        # the buffer is replaced, never mutated, so both may share it
+        twin._rng, twin._buf, twin._i = np.random.Generator(bits), self._buf, self._i
+        return twin
+
     def choice(self, seq: Sequence[Any]) -> Any:
         return seq[min(int(self.u() * len(seq)), len(seq) - 1)]
 
@@ -587,6 +596,24 @@ class SyntheticScenes:
 
     def scene(self, index: int) -> Scene:
         return self._generate(index)[0]
+
+    def captioner(self, index: int) -> tuple[Scene, str, Callable[[Scene], str]]:
+        """Sample ``index``'s scene, its caption, and a function that captions an edited copy
+        of that scene with the same grammar draws (same frame, style, object order and
+        synonyms), e.g. to build a negative caption that differs only where the scene does.
+
+        The number of draws a caption takes depends only on the object count and the
+        relation, never on attribute values, so edits must keep both."""
+        draws = _Draws(_rng(self.seed, self.split, self._check(index)))
+        scene = sample_scene(draws, self.config)
+        after_scene = draws.fork()
+
+        def recaption(edited: Scene) -> str:
+            if edited.n_objects != scene.n_objects or edited.relation != scene.relation:
+                raise ValueError("an edited scene must keep the object count and the relation")
+            return caption_scene(edited, after_scene.fork(), self.config)
+
+        return scene, recaption(scene), recaption
 
     def caption(self, index: int) -> str:
         return self._generate(index)[1]

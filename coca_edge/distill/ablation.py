@@ -36,7 +36,7 @@ VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
     "inherit, no KD": ((), "inherit"),
     "inherit + all KD": (_TOKEN_KD, "inherit"),
     "inherit + caption_seq_kd": (("caption_seq_kd",), "inherit"),
-    "inherit + all KD + caption_seq_kd": (KD_TERMS, "inherit"),
+    "inherit + all KD + caption_seq_kd": (_TOKEN_KD + ("caption_seq_kd",), "inherit"),
 }
 _METRICS = ("zero_shot_top1", "retrieval_R@1", "bleu4", "cider", "caption_exact")
 

@@ -7,10 +7,12 @@ dataset identity, the preprocessing (image size, mean, std), the caption length,
 the KD temperature; change any and a different directory is used (and built). ``meta.json``
 is written last, so a build that was interrupted is never mistaken for a complete one.
 
-Two kinds of cache share this format: ``targets`` (embeddings and top-k along the
-ground-truth captions) and ``generated`` (for sequence-level KD: the teacher's greedy
-caption of every image and its top-k along it). Each has its own key, so switching
-sequence-level KD on builds only the generated part.
+Three kinds of cache share this format: ``targets`` (embeddings and top-k along the
+ground-truth captions), ``generated`` (for sequence-level KD: the teacher's greedy
+caption of every image and its top-k along it) and ``decoder`` (for ``decoder_feature``:
+the decoder's final states along the ground-truth captions, float16 to bound the size,
+``N x positions x width``). Each has its own key, so switching a term on builds only its
+part and the keys of existing caches never change.
 """
 from __future__ import annotations
 
@@ -28,13 +30,14 @@ import torch
 from ..models import CoCa
 from ..tokenizer import Tokenizer
 from .data import TrainData, make_batch
-from .forward import TeacherOutputs, teacher_generated, teacher_outputs
+from .forward import TeacherOutputs, teacher_decoder_hidden, teacher_generated, teacher_outputs
 
 __all__ = ["TeacherCache", "CacheError", "cache_key", "build_cache", "open_cache", "teacher_fingerprint", "KINDS"]
 
 CACHE_VERSION = 1
 KINDS = {"targets": ("image", "text", "topk_ids", "topk_log_probs"),
-         "generated": ("gen_text", "gen_topk_ids", "gen_topk_log_probs")}
+         "generated": ("gen_text", "gen_topk_ids", "gen_topk_log_probs"),
+         "decoder": ("decoder_hidden",)}
 
 
 class CacheError(RuntimeError):
@@ -59,6 +62,9 @@ def cache_key(teacher_fp: str, data_identity: dict[str, Any], preprocess: dict[s
         spec["kind"] = kind
         if kind == "generated":
             spec["generation"] = {"strategy": "greedy", "max_new_tokens": positions}
+        if kind == "decoder":  # states depend on neither k nor the temperature
+            del spec["topk"], spec["temperature"]
+            spec["dtype"] = "float16"
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20], spec
 
 
@@ -112,18 +118,19 @@ def build_cache(root: str | os.PathLike, key: str, spec: dict[str, Any], teacher
     tmp.mkdir(parents=True)
     cfg = teacher.config
     kind = spec.get("kind", "targets")
-    n, positions, k = len(data), spec["positions"], spec["topk"]
+    n, positions, k = len(data), spec["positions"], spec.get("topk", 1)
     shapes = {"image": (np.float32, (n, cfg.embed_dim)), "text": (np.float32, (n, cfg.embed_dim)),
               "topk_ids": (np.int32, (n, positions, k)), "topk_log_probs": (np.float32, (n, positions, k)),
               "gen_text": (np.int32, (n, positions + 1)), "gen_topk_ids": (np.int32, (n, positions, k)),
-              "gen_topk_log_probs": (np.float32, (n, positions, k))}
+              "gen_topk_log_probs": (np.float32, (n, positions, k)),
+              "decoder_hidden": (np.float16, (n, positions, cfg.decoder.width))}
     arrays = {name: np.lib.format.open_memmap(tmp / f"{name}.npy", "w+", *shapes[name]) for name in KINDS[kind]}
     ids: list[str] = []
     teacher = teacher.eval()
     device = next(teacher.parameters()).device
     start = time.time()
     extra: dict[str, Any] = {}
-    desc = "teacher cache" if kind == "targets" else "teacher captions"
+    desc = {"targets": "teacher cache", "generated": "teacher captions", "decoder": "teacher decoder states"}[kind]
     for lo in tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress):
         hi = min(n, lo + batch_size)
         batch = make_batch(data, range(lo, hi), tokenizer, cfg, max_text_len)
@@ -135,9 +142,12 @@ def build_cache(root: str | os.PathLike, key: str, spec: dict[str, Any], teacher
             values = {"image": out.image, "text": out.text, "topk_ids": out.topk_ids,
                       "topk_log_probs": out.topk_log_probs}
             extra["logit_scale"] = float(out.logit_scale)
-        else:
+        elif kind == "generated":
             gen, gen_ids, gen_lps = teacher_generated(teacher, pixels, positions, k, spec["temperature"])
             values = {"gen_text": gen, "gen_topk_ids": gen_ids, "gen_topk_log_probs": gen_lps}
+        else:
+            text = _pad_to(batch.text, positions + 1, cfg.pad_token_id)
+            values = {"decoder_hidden": teacher_decoder_hidden(teacher, pixels, text.to(device), cfg.pad_token_id)}
         for name, value in values.items():
             arrays[name][lo:hi] = value.cpu().numpy().astype(arrays[name].dtype)
         ids.extend(batch.ids)

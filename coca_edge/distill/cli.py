@@ -38,7 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "distill", help="distill a teacher into a smaller student",
         description="Teacher -> student distillation: ground-truth losses plus affinity, feature and "
                     "caption KD (on ground-truth captions: loss.caption_kd; on captions the teacher generates: "
-                    "loss.caption_seq_kd) from cached teacher outputs.",
+                    "loss.caption_seq_kd, optionally without hallucinated teacher captions: "
+                    "teacher.filter_hallucinated) and decoder-state KD (loss.decoder_feature) from cached teacher "
+                    "outputs; hard-negative captions for attribute binding: loss.hard_negative.",
         epilog='examples:\n  coca-edge distill recipes/demo_distill.yaml\n  coca-edge distill --teacher runs/ft/final/model.safetensors --student coca_ViT-Ti-32 --steps 20000\n  torchrun --nproc_per_node 2 -m coca_edge.distill.cli distill recipes/demo_distill.yaml   # DDP', formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(distill)
     distill.add_argument("--teacher", help="teacher checkpoint (config: teacher.path)")

@@ -28,8 +28,9 @@ __all__ = [
 
 CONFIG_VERSION = 1
 # Names used in configs, logs and metrics; ground truth first, then the three kinds of knowledge.
-LOSS_TERMS = ("contrastive", "caption", "affinity", "feature", "caption_kd", "caption_seq_kd")
-KD_TERMS = ("affinity", "feature", "caption_kd", "caption_seq_kd")
+LOSS_TERMS = ("contrastive", "caption", "hard_negative", "affinity", "feature", "decoder_feature", "caption_kd",
+              "caption_seq_kd")
+KD_TERMS = ("affinity", "feature", "decoder_feature", "caption_kd", "caption_seq_kd")
 
 
 class TrainConfigError(ValueError):
@@ -94,8 +95,15 @@ class LossConfig:
 
     contrastive: float = 1.0
     caption: float = 2.0
+    # NegCLIP: image->text InfoNCE whose candidates are the batch's captions plus one
+    # hard-negative caption per sample (an attribute swapped or changed, see faithful.py).
+    hard_negative: float = 0.0
     affinity: float = 0.0
     feature: float = 0.0
+    # 1 - cos between the student's and the teacher's final decoder states (before the
+    # vocabulary head) along the ground-truth captions, through a learned projection when
+    # the widths differ.
+    decoder_feature: float = 0.0
     caption_kd: float = 0.0
     # Sequence-level KD: the caption_kd KL along captions the teacher generates (greedy,
     # once, cached with the other teacher outputs) instead of the ground-truth captions.
@@ -129,9 +137,14 @@ class TeacherConfig:
     use_cache: bool = True
     cache_dir: str | None = None
     topk: int = 8
+    # Sequence-level KD skips images whose teacher caption names an object or attribute the
+    # scene does not have (synthetic-scenes only: the scene must be known).
+    filter_hallucinated: bool = False
 
     def __post_init__(self) -> None:
         _check(self.topk >= 1, f"teacher.topk must be >= 1, got {self.topk}")
+        _check(isinstance(self.filter_hallucinated, bool),
+               f"teacher.filter_hallucinated must be true or false, got {self.filter_hallucinated!r}")
 
 
 @dataclass(frozen=True)
@@ -190,8 +203,13 @@ class TrainConfig:
         _check(self.export_dtype in ("float32", "float16", "bfloat16"), f"export_dtype must be float32/float16/bfloat16, got {self.export_dtype!r}")
         _check(self.version == CONFIG_VERSION, f"unsupported train config version {self.version}")
         if self.init == "inherit" or self.loss.uses_teacher:
+            reasons = (["init: inherit"] if self.init == "inherit" else []) + [
+                f"loss.{n} > 0" for n in KD_TERMS if getattr(self.loss, n) > 0]
             _check(self.teacher.path is not None,
-                   "a teacher is needed (init: inherit or a KD loss weight > 0): set teacher.path / --teacher")
+                   f"a teacher is needed ({', '.join(reasons)}): set teacher.path / --teacher")
+        _check(not self.teacher.filter_hallucinated or self.data.dataset == "synthetic-scenes",
+               "teacher.filter_hallucinated needs data.dataset: synthetic-scenes (only there is the scene of each "
+               f"image known to judge a teacher caption), got {self.data.dataset!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

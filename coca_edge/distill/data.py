@@ -7,8 +7,9 @@ exactly the samples of the one-process run with the same global batch, in the sa
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -17,8 +18,23 @@ from ..data import PreprocessConfig, SyntheticScenes, normalize, resize_and_crop
 from ..models import CoCaConfig
 from ..tokenizer import Tokenizer
 from .config import DataConfig
+from .faithful import synthetic_negative, word_swap_negative
 
-__all__ = ["TrainData", "StepSampler", "Batch", "open_train_data", "tokenize", "trim"]
+__all__ = ["TrainData", "StepSampler", "Batch", "HardNegatives", "open_train_data", "tokenize", "trim",
+           "caption_keys"]
+
+
+@dataclass
+class HardNegatives:
+    """One negative caption per sample (``loss.hard_negative``). ``valid`` is false where a
+    sample has none or where its negative's tokens equal some positive of the batch;
+    ``keys`` / ``positive_keys`` identify token rows so the trainer can repeat that check
+    against the positives of every rank."""
+
+    text: torch.Tensor  # int64 [B, L'], trimmed; rows without a negative hold an empty caption
+    valid: torch.Tensor  # bool [B]
+    keys: torch.Tensor  # int64 [B]
+    positive_keys: torch.Tensor  # int64 [B]
 
 
 @dataclass
@@ -26,14 +42,18 @@ class Batch:
     ids: list[str]
     pixels: torch.Tensor  # float32 [B, 3, H, W], normalised
     text: torch.Tensor  # int64 [B, L], trimmed (see ``trim``)
+    negatives: HardNegatives | None = None  # only with ``loss.hard_negative > 0``
 
 
 class TrainData:
     """Random access to ``(uint8 images [N, H, W, 3], captions, sample ids)``."""
 
-    def __init__(self, name: str, length: int, identity: dict, fetch, captions):
+    def __init__(self, name: str, length: int, identity: dict, fetch, captions,
+                 negatives: Callable[[Sequence[int]], list[str | None]] | None = None,
+                 scenes: Callable[[Sequence[int]], list] | None = None):
         self.name, self.length, self.identity = name, length, identity
         self._fetch, self._captions = fetch, captions
+        self._negatives, self._scenes = negatives, scenes
 
     def __len__(self) -> int:
         return self.length
@@ -45,6 +65,22 @@ class TrainData:
         """Captions only (no image decoding or rendering)."""
         return self._captions(indices)
 
+    def negatives(self, indices: Sequence[int]) -> list[str | None]:
+        """Each sample's hard-negative caption, None where there is none (see ``faithful``)."""
+        if self._negatives is None:
+            raise ValueError(f"{self.name} has no hard negatives")
+        return self._negatives(indices)
+
+    @property
+    def has_scenes(self) -> bool:
+        return self._scenes is not None
+
+    def scenes(self, indices: Sequence[int]) -> list:
+        """The ``Scene`` of each sample (synthetic-scenes only)."""
+        if self._scenes is None:
+            raise ValueError(f"{self.name} has no scenes: only synthetic-scenes knows what each image shows")
+        return self._scenes(indices)
+
 
 def open_train_data(cfg: DataConfig, model_config: CoCaConfig) -> TrainData:
     size = model_config.vision.image_size
@@ -55,8 +91,13 @@ def open_train_data(cfg: DataConfig, model_config: CoCaConfig) -> TrainData:
             images, captions, _ = ds.batch([int(i) for i in indices])
             return images, captions, [f"{ds.name}/train/{int(i)}" for i in indices]
 
+        def negatives(indices):
+            found = [synthetic_negative(ds, int(i)) for i in indices]
+            return [None if n is None else n.caption for n in found]
+
         identity = {"dataset": ds.name, "seed": cfg.seed, "length": len(ds), "scene_config": ds.config.to_dict()}
-        return TrainData(ds.name, len(ds), identity, fetch, lambda idx: [ds.caption(int(i)) for i in idx])
+        return TrainData(ds.name, len(ds), identity, fetch, lambda idx: [ds.caption(int(i)) for i in idx],
+                         negatives, lambda idx: [ds.scene(int(i)) for i in idx])
     return _csv_data(cfg, size)
 
 
@@ -90,7 +131,8 @@ def _csv_data(cfg: DataConfig, size: int) -> TrainData:
         return stack[idx], [captions[i] for i in idx], [ids[i] for i in idx]
 
     return TrainData(os.path.basename(cfg.dataset), len(ids), identity, fetch,
-                     lambda idx: [captions[int(i)] for i in idx])
+                     lambda idx: [captions[int(i)] for i in idx],
+                     lambda idx: [word_swap_negative(captions[int(i)]) for i in idx])
 
 
 class StepSampler:
@@ -145,12 +187,31 @@ def trim(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     return ids[:, : min(ids.shape[1], used + 1)]
 
 
+def caption_keys(ids: np.ndarray) -> np.ndarray:
+    """int64 ``[N]`` hash of each tokenised caption row: equal rows, equal keys."""
+    return np.asarray([int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little", signed=True)
+                       for row in np.ascontiguousarray(ids)], dtype=np.int64)
+
+
+def _hard_negatives(data: TrainData, indices: Sequence[int], positives: np.ndarray, tokenizer: Tokenizer,
+                    model_config: CoCaConfig, max_text_len: int) -> HardNegatives:
+    found = data.negatives(indices)
+    ids = tokenize(tokenizer, ["" if n is None else n for n in found], max_text_len, model_config.eot_token_id,
+                   model_config.pad_token_id)
+    keys, positive_keys = caption_keys(ids), caption_keys(positives)
+    # compared as tokens, so a negative that differs only past max_text_len is dropped too
+    valid = np.asarray([n is not None for n in found]) & ~np.isin(keys, positive_keys)
+    return HardNegatives(trim(torch.from_numpy(ids), model_config.pad_token_id), torch.from_numpy(valid),
+                         torch.from_numpy(keys), torch.from_numpy(positive_keys))
+
+
 def make_batch(data: TrainData, indices: Sequence[int], tokenizer: Tokenizer, model_config: CoCaConfig,
-               max_text_len: int) -> Batch:
+               max_text_len: int, negatives: bool = False) -> Batch:
+    """``negatives``: also each sample's hard-negative caption (``loss.hard_negative``)."""
     images, captions, ids = data.fetch(indices)
     pre = PreprocessConfig(image_size=model_config.vision.image_size, mean=model_config.image_mean,
                            std=model_config.image_std)
     pixels = torch.from_numpy(normalize(images, pre))
-    text = torch.from_numpy(tokenize(tokenizer, captions, max_text_len, model_config.eot_token_id,
-                                     model_config.pad_token_id))
-    return Batch(ids, pixels, trim(text, model_config.pad_token_id))
+    tokens = tokenize(tokenizer, captions, max_text_len, model_config.eot_token_id, model_config.pad_token_id)
+    hard = _hard_negatives(data, indices, tokens, tokenizer, model_config, max_text_len) if negatives else None
+    return Batch(ids, pixels, trim(torch.from_numpy(tokens), model_config.pad_token_id), hard)

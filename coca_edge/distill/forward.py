@@ -19,7 +19,7 @@ from .data import trim
 from .losses import FeatureProjector, VocabSubset
 
 __all__ = ["text_forward", "decoder_hidden", "StudentForward", "TeacherOutputs", "teacher_outputs",
-           "teacher_generated"]
+           "teacher_generated", "teacher_decoder_hidden"]
 
 
 def text_forward(model: CoCa, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,18 +47,23 @@ class StudentForward(nn.Module):
     """Everything trainable in one module, so one DDP wrapper syncs every gradient."""
 
     def __init__(self, model: CoCa, vocab: VocabSubset, projector: FeatureProjector | None,
-                 kd_temperature: float | None, seq_kd_temperature: float | None = None):
+                 kd_temperature: float | None, seq_kd_temperature: float | None = None,
+                 decoder_projector: nn.Module | None = None):
+        """``decoder_projector``: student decoder width -> teacher's (``decoder_feature``);
+        None when that term is off."""
         super().__init__()
         self.model = model
         self.projector = projector
         self.vocab = vocab
         self.kd_temperature = kd_temperature
         self.seq_kd_temperature = seq_kd_temperature
+        self.decoder_projector = decoder_projector
 
-    def forward(self, pixels: torch.Tensor, text: torch.Tensor,
-                generated: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, pixels: torch.Tensor, text: torch.Tensor, generated: torch.Tensor | None = None,
+                negatives: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``generated``: the teacher's own captions of these images (sequence-level KD); the
-        student is teacher-forced on them in a second decoder pass over the same image K/V."""
+        student is teacher-forced on them in a second decoder pass over the same image K/V.
+        ``negatives``: hard-negative captions (trimmed ids), embedded by the text tower."""
         m = self.model
         image_embed, image_tokens = m.encode_image(pixels)
         text_embed, states = text_forward(m, text)
@@ -66,6 +71,10 @@ class StudentForward(nn.Module):
         hidden = decoder_hidden(m, states[:, :-1], cross)
         out = {"image": image_embed, "text": text_embed, "logit_scale": m.logit_scale.exp(),
                "log_probs": self.vocab.log_probs(hidden, m.decoder.head)}
+        if negatives is not None:
+            out["negative_text"] = text_forward(m, negatives)[0]
+        if self.decoder_projector is not None:
+            out["proj_decoder"] = self.decoder_projector(hidden)
         if self.kd_temperature is not None:
             out["log_probs_kd"] = self.vocab.log_probs(hidden, m.decoder.head, self.kd_temperature)
         if generated is not None:
@@ -93,10 +102,17 @@ class TeacherOutputs:
     gen_text: torch.Tensor | None = None  # int64 [B, G + 1], trimmed (see ``data.trim``)
     gen_topk_ids: torch.Tensor | None = None  # int64 [B, G, k]
     gen_topk_log_probs: torch.Tensor | None = None  # float32 [B, G, k]
+    # ``teacher.filter_hallucinated``: false where the teacher's caption is hallucinated.
+    gen_keep: torch.Tensor | None = None  # bool [B]
+    # ``decoder_feature``: final decoder states along the ground-truth captions (zero where
+    # the label is padding); float16 when read from the cache.
+    decoder_hidden: torch.Tensor | None = None  # [B, T, W_t]
 
     def positions(self, n: int) -> "TeacherOutputs":
         """The first ``n`` caption positions (the batch's trimmed length)."""
-        return dataclasses.replace(self, topk_ids=self.topk_ids[:, :n], topk_log_probs=self.topk_log_probs[:, :n])
+        hidden = None if self.decoder_hidden is None else self.decoder_hidden[:, :n]
+        return dataclasses.replace(self, topk_ids=self.topk_ids[:, :n], topk_log_probs=self.topk_log_probs[:, :n],
+                                   decoder_hidden=hidden)
 
     def with_generated(self, gen_text: torch.Tensor, gen_topk_ids: torch.Tensor, gen_topk_log_probs: torch.Tensor,
                        pad_id: int) -> "TeacherOutputs":
@@ -135,11 +151,24 @@ EMPTY_LOG_PROB = -30.0
 
 
 @torch.no_grad()
+def teacher_decoder_hidden(teacher: CoCa, pixels: torch.Tensor, text: torch.Tensor, pad_id: int,
+                           image: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The teacher's final decoder states ``[B, T, W]`` along ``text`` (teacher-forced),
+    zero at positions whose label is padding (what the ``decoder`` cache stores)."""
+    _, image_tokens = image if image is not None else teacher.encode_image(pixels)
+    _, states = text_forward(teacher, text)
+    hidden = decoder_hidden(teacher, states[:, :-1], teacher.decoder.cross_kv(image_tokens))
+    return hidden.float() * (text[:, 1:] != pad_id).unsqueeze(-1)
+
+
+@torch.no_grad()
 def teacher_outputs(teacher: CoCa, pixels: torch.Tensor, text: torch.Tensor, topk: int, temperature: float,
-                    pad_id: int, image: tuple[torch.Tensor, torch.Tensor] | None = None) -> TeacherOutputs:
+                    pad_id: int, image: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    with_decoder_hidden: bool = False) -> TeacherOutputs:
     """Teacher embeddings and top-k next-token log-probabilities over the full vocabulary,
     computed only at positions that predict a real token (bounded memory). ``image``:
-    ``teacher.encode_image(pixels)`` when the caller already has it."""
+    ``teacher.encode_image(pixels)`` when the caller already has it. ``with_decoder_hidden``:
+    also the decoder states (as :func:`teacher_decoder_hidden`)."""
     image_embed, image_tokens = image if image is not None else teacher.encode_image(pixels)
     text_embed, states = text_forward(teacher, text)
     hidden = decoder_hidden(teacher, states[:, :-1], teacher.decoder.cross_kv(image_tokens))
@@ -152,7 +181,10 @@ def teacher_outputs(teacher: CoCa, pixels: torch.Tensor, text: torch.Tensor, top
     if rows.numel():
         values, indices = _topk_log_probs(rows, teacher.decoder.head, topk, temperature)
         ids[valid], lps[valid] = indices, values
-    return TeacherOutputs(image_embed.float(), text_embed.float(), teacher.logit_scale.exp().detach().float(), ids, lps)
+    out = TeacherOutputs(image_embed.float(), text_embed.float(), teacher.logit_scale.exp().detach().float(), ids, lps)
+    if with_decoder_hidden:
+        out.decoder_hidden = hidden.float() * valid.unsqueeze(-1)
+    return out
 
 
 @torch.no_grad()

@@ -4,8 +4,11 @@ Ground truth: ``contrastive`` (symmetric InfoNCE with the learnable logit scale)
 ``caption`` (next-token cross-entropy). Knowledge from a teacher: ``affinity`` (KL between
 the teacher's and the student's in-batch image->text and text->image distributions, as in
 TinyCLIP / MobileCLIP), ``feature`` (student embeddings matched to the teacher's, through a
-learned projection when widths differ, as in CLIP-KD) and ``caption_kd`` (token-level KL to
-the teacher's next-token distribution at a temperature, from its cached top-k).
+learned projection when widths differ, as in CLIP-KD), ``decoder_feature`` (the same for the
+multimodal decoder's final states, per caption token) and ``caption_kd`` (token-level KL to
+the teacher's next-token distribution at a temperature, from its cached top-k). For
+attribute binding, ``hard_negative`` (NegCLIP) adds one negative caption per sample as
+extra image->text candidates.
 
 Terms that average over tokens or samples return ``(sum, count)`` so the trainer can
 normalise by the *global* count: that keeps a multi-process run equal to a one-process run
@@ -22,11 +25,14 @@ from torch import nn
 __all__ = [
     "VocabSubset",
     "contrastive_loss",
+    "hard_negative_loss",
     "caption_loss",
     "affinity_loss",
     "feature_loss",
+    "decoder_feature_loss",
     "caption_kd_loss",
     "FeatureProjector",
+    "width_projection",
 ]
 
 
@@ -90,6 +96,17 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch
             + F.cross_entropy(logits.T, labels, label_smoothing=label_smoothing)) / 2
 
 
+def hard_negative_loss(image: torch.Tensor, text: torch.Tensor, negatives: torch.Tensor, valid: torch.Tensor,
+                       logit_scale: torch.Tensor) -> torch.Tensor:
+    """NegCLIP's image->text InfoNCE: each image against the batch's ``[B, E]`` captions plus
+    the batch's ``[B, E]`` negative captions where ``valid`` (bool ``[B]``); negatives are
+    extra columns only, there is no text->image direction for them."""
+    candidates = torch.cat([text.float(), negatives.float()[valid]])
+    logits = logit_scale * image.float() @ candidates.T
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return F.cross_entropy(logits, labels)
+
+
 def caption_loss(log_probs: torch.Tensor, labels: torch.Tensor, vocab: VocabSubset, pad_id: int,
                  label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy: ``(sum over non-pad tokens, their count)``."""
@@ -122,8 +139,13 @@ class FeatureProjector(nn.Module):
 
     def __init__(self, student_dim: int, teacher_dim: int):
         super().__init__()
-        self.image = nn.Identity() if student_dim == teacher_dim else nn.Linear(student_dim, teacher_dim, bias=False)
-        self.text = nn.Identity() if student_dim == teacher_dim else nn.Linear(student_dim, teacher_dim, bias=False)
+        self.image = width_projection(student_dim, teacher_dim)
+        self.text = width_projection(student_dim, teacher_dim)
+
+
+def width_projection(student_dim: int, teacher_dim: int) -> nn.Module:
+    """Identity for equal widths, else a learned bias-free linear map (as ``FeatureProjector``)."""
+    return nn.Identity() if student_dim == teacher_dim else nn.Linear(student_dim, teacher_dim, bias=False)
 
 
 def feature_loss(student: torch.Tensor, teacher: torch.Tensor, projection: nn.Module,
@@ -139,6 +161,16 @@ def feature_loss(student: torch.Tensor, teacher: torch.Tensor, projection: nn.Mo
     else:
         raise ValueError(f"unknown feature metric {metric!r}")
     return per.sum(), torch.tensor(per.shape[0], device=per.device)
+
+
+def decoder_feature_loss(student: torch.Tensor, teacher: torch.Tensor, projection: nn.Module,
+                         mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``1 - cos`` between the projected student decoder states ``[B, T, W_s]`` and the
+    teacher's ``[B, T, W_t]`` at the same caption positions: ``(sum over mask, its count)``."""
+    s = F.normalize(projection(student).float(), dim=-1)
+    t = F.normalize(teacher.float(), dim=-1)
+    per = 1 - (s * t).sum(dim=-1)
+    return (per * mask).sum(), mask.sum()
 
 
 def caption_kd_loss(student_log_probs: torch.Tensor, vocab: VocabSubset, teacher_ids: torch.Tensor,

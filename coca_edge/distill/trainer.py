@@ -12,6 +12,7 @@ under ``torchrun`` (DDP; gloo on CPU, NCCL on GPU). Exactness by construction:
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -33,10 +34,11 @@ from ..tokenizer import Tokenizer
 from . import checkpoint as ckpt
 from .cache import TeacherCache, build_cache, cache_key, open_cache, teacher_fingerprint
 from .config import LOSS_TERMS, TrainConfig, TrainConfigError
-from .data import StepSampler, TrainData, make_batch, open_train_data, tokenize
+from .data import HardNegatives, StepSampler, TrainData, make_batch, open_train_data, tokenize
+from .faithful import hallucinated
 from .forward import StudentForward, TeacherOutputs, teacher_generated, teacher_outputs
 from .losses import (FeatureProjector, VocabSubset, affinity_loss, caption_kd_loss, caption_loss,
-                     contrastive_loss, feature_loss)
+                     contrastive_loss, decoder_feature_loss, feature_loss, hard_negative_loss, width_projection)
 
 __all__ = ["train", "distill", "TrainResult", "resolve_model_config", "data_vocabulary"]
 
@@ -76,6 +78,14 @@ class _Dist:
         from torch.distributed.nn.functional import all_gather
 
         return torch.cat(all_gather(x), dim=0)
+
+    def gather_values(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``x`` concatenated, without gradient (masks, ids)."""
+        if self.world == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
@@ -154,11 +164,12 @@ def check_teacher(teacher: CoCaConfig, student: CoCaConfig, cfg: TrainConfig) ->
     embedding widths are fine (feature KD learns a projection; affinity compares in-batch
     similarities, which have no width)."""
     problems = []
-    caption_kd = cfg.loss.caption_kd > 0 or cfg.loss.caption_seq_kd > 0
+    # every term that compares the two models token by token along one tokenised caption
+    caption_kd = cfg.loss.caption_kd > 0 or cfg.loss.caption_seq_kd > 0 or cfg.loss.decoder_feature > 0
     if caption_kd or cfg.init == "inherit":
         if teacher.vocab_size != student.vocab_size:
             problems.append(f"vocabulary sizes differ (teacher {teacher.vocab_size}, student {student.vocab_size}): "
-                            "caption_kd / caption_seq_kd and weight inheritance need one tokenizer")
+                            "caption_kd / caption_seq_kd / decoder_feature and weight inheritance need one tokenizer")
         for key in ("sot_token_id", "eot_token_id", "pad_token_id"):
             if getattr(teacher, key) != getattr(student, key):
                 problems.append(f"{key} differs (teacher {getattr(teacher, key)}, student {getattr(student, key)})")
@@ -200,7 +211,8 @@ class _LiveTeacher:
         with torch.no_grad():
             image = self.teacher.encode_image(pixels)  # once for both kinds of targets
         out = teacher_outputs(self.teacher, pixels, batch.text.to(device), self.cfg.teacher.topk,
-                              self.cfg.loss.kd_temperature, pad, image)
+                              self.cfg.loss.kd_temperature, pad, image,
+                              with_decoder_hidden=self.cfg.loss.decoder_feature > 0)
         if self.cfg.loss.caption_seq_kd > 0:
             out = out.with_generated(*teacher_generated(self.teacher, pixels, _positions(self.teacher.config, self.cfg),
                                                         self.cfg.teacher.topk, self.cfg.loss.kd_temperature, image),
@@ -209,11 +221,15 @@ class _LiveTeacher:
 
 
 class _CachedTeacher:
-    def __init__(self, cache: TeacherCache, generated: TeacherCache | None, pad_id: int):
-        self.cache, self.generated, self.pad_id = cache, generated, pad_id
+    def __init__(self, cache: TeacherCache, generated: TeacherCache | None, pad_id: int,
+                 decoder: TeacherCache | None = None):
+        self.cache, self.generated, self.pad_id, self.decoder = cache, generated, pad_id, decoder
 
     def __call__(self, batch, indices) -> TeacherOutputs:
-        out = self.cache.lookup(batch.ids).positions(batch.text.shape[1] - 1)
+        out = self.cache.lookup(batch.ids)
+        if self.decoder is not None:
+            out.decoder_hidden = self.decoder.rows(batch.ids)["decoder_hidden"]
+        out = out.positions(batch.text.shape[1] - 1)
         if self.generated is not None:
             g = self.generated.rows(batch.ids)
             out = out.with_generated(g["gen_text"], g["gen_topk_ids"], g["gen_topk_log_probs"], self.pad_id)
@@ -234,8 +250,9 @@ def _teacher_source(cfg: TrainConfig, teacher: CoCa, data: TrainData, tokenizer:
     preprocess = {"image_size": tc.vision.image_size, "mean": list(tc.image_mean), "std": list(tc.image_std)}
     fingerprint = teacher_fingerprint(teacher)
     root = Path(cfg.teacher.cache_dir or Path(cfg.output_dir) / "teacher-cache")
-    kinds = ["targets"] + (["generated"] if cfg.loss.caption_seq_kd > 0 else [])
-    caches = []
+    kinds = (["targets"] + (["generated"] if cfg.loss.caption_seq_kd > 0 else [])
+             + (["decoder"] if cfg.loss.decoder_feature > 0 else []))
+    caches = {}
     for kind in kinds:
         key, spec = cache_key(fingerprint, data.identity, preprocess, positions, cfg.teacher.topk,
                               cfg.loss.kd_temperature, kind)
@@ -245,13 +262,30 @@ def _teacher_source(cfg: TrainConfig, teacher: CoCa, data: TrainData, tokenizer:
         cache = open_cache(root, key)
         if cache is None:
             raise RuntimeError(f"teacher cache {root / key} was not built")
-        caches.append(cache)
-    return _CachedTeacher(caches[0], caches[1] if len(caches) > 1 else None, tc.pad_token_id)
+        caches[kind] = cache
+    return _CachedTeacher(caches["targets"], caches.get("generated"), tc.pad_token_id, caches.get("decoder"))
+
+
+class _HallucinationFilter:
+    """``teacher.filter_hallucinated``: marks the samples whose teacher caption the scene
+    judges hallucinated, so sequence-level KD skips them."""
+
+    def __init__(self, data: TrainData, tokenizer: Tokenizer):
+        if not data.has_scenes:
+            raise TrainConfigError(f"teacher.filter_hallucinated needs data.dataset: synthetic-scenes (the scene of "
+                                   f"each image must be known), got {data.name!r}")
+        self.data, self.tokenizer = data, tokenizer
+
+    def __call__(self, t: TeacherOutputs, indices) -> TeacherOutputs:
+        keep = ~hallucinated(t.gen_text, self.data.scenes(indices), self.tokenizer)
+        return dataclasses.replace(t, gen_keep=keep.to(t.gen_text.device))
 
 
 def _losses(out: dict[str, torch.Tensor], labels: torch.Tensor, t: TeacherOutputs | None, cfg: TrainConfig,
-            vocab: VocabSubset, pad_id: int, d: _Dist) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted total (to backpropagate on this rank) and each term's global value."""
+            vocab: VocabSubset, pad_id: int, d: _Dist,
+            negatives: HardNegatives | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted total (to backpropagate on this rank) and each term's global value.
+    ``negatives``: the batch's hard negatives (``loss.hard_negative``)."""
     lc = cfg.loss
     total = torch.zeros((), device=labels.device)
     logs: dict[str, float] = {}
@@ -267,13 +301,24 @@ def _losses(out: dict[str, torch.Tensor], labels: torch.Tensor, t: TeacherOutput
         total = total + getattr(lc, name) * value
         logs[name] = float(value.detach())
 
-    need_gather = lc.contrastive > 0 or lc.affinity > 0
+    need_gather = lc.contrastive > 0 or lc.affinity > 0 or lc.hard_negative > 0
     image = d.gather(out["image"]) if need_gather else None
     text = d.gather(out["text"]) if need_gather else None
     if lc.contrastive > 0:
         whole("contrastive", contrastive_loss(image, text, out["logit_scale"], lc.label_smoothing))
     if lc.caption > 0:
         local_mean("caption", *caption_loss(out["log_probs"], labels, vocab, pad_id, lc.label_smoothing))
+    if lc.hard_negative > 0:
+        if negatives is None or "negative_text" not in out:
+            raise ValueError("loss.hard_negative needs the batch's negatives (make_batch(..., negatives=True)) "
+                             "and their embeddings (StudentForward(..., negatives=...))")
+        valid = d.gather_values(negatives.valid.to(labels.device))
+        if d.world > 1:  # make_batch checked this rank's positives; the candidates are every rank's
+            keys = d.gather_values(negatives.keys.to(labels.device))
+            valid = valid & ~torch.isin(keys, d.gather_values(negatives.positive_keys.to(labels.device)))
+        whole("hard_negative", hard_negative_loss(image, text, d.gather(out["negative_text"]), valid,
+                                                  out["logit_scale"]))
+        logs["hard_negative_share"] = float(valid.float().mean())
     if lc.affinity > 0:
         whole("affinity", affinity_loss(image, text, out["logit_scale"], d.gather(t.image), d.gather(t.text),
                                         t.logit_scale, lc.affinity_temperature))
@@ -281,14 +326,22 @@ def _losses(out: dict[str, torch.Tensor], labels: torch.Tensor, t: TeacherOutput
         si, ni = feature_loss(out["proj_image"], t.image, nn.Identity(), lc.feature_metric)
         st, nt = feature_loss(out["proj_text"], t.text, nn.Identity(), lc.feature_metric)
         local_mean("feature", (si + st) / 2, ni)
+    if lc.decoder_feature > 0:
+        local_mean("decoder_feature", *decoder_feature_loss(out["proj_decoder"], t.decoder_hidden.to(labels.device),
+                                                            nn.Identity(), labels != pad_id))
     if lc.caption_kd > 0:
         mask = labels != pad_id
         local_mean("caption_kd", *caption_kd_loss(out["log_probs_kd"], vocab, t.topk_ids, t.topk_log_probs, mask,
                                                   lc.kd_temperature))
     if lc.caption_seq_kd > 0:
-        gen_labels = t.gen_text[:, 1:]
+        gen_mask = t.gen_text[:, 1:] != pad_id
+        if t.gen_keep is not None:
+            keep = t.gen_keep.to(gen_mask.device)
+            gen_mask = gen_mask & keep.unsqueeze(1)
+            filtered = d.sum((~keep).sum().float()) / d.sum(torch.tensor(float(keep.numel()), device=keep.device))
+            logs["seq_kd_filtered"] = float(filtered)
         local_mean("caption_seq_kd", *caption_kd_loss(out["log_probs_seq_kd"], vocab, t.gen_topk_ids,
-                                                      t.gen_topk_log_probs, gen_labels != pad_id, lc.kd_temperature))
+                                                      t.gen_topk_log_probs, gen_mask, lc.kd_temperature))
     logs["loss"] = sum(getattr(lc, k) * v for k, v in logs.items() if k in LOSS_TERMS)
     return total, logs
 
@@ -395,9 +448,17 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         if cfg.loss.feature > 0:
             torch.manual_seed(cfg.seed + 1)
             projector = FeatureProjector(model_cfg.embed_dim, teacher.config.embed_dim).to(d.device)
+        decoder_projector = None
+        if cfg.loss.decoder_feature > 0:
+            torch.manual_seed(cfg.seed + 2)
+            decoder_projector = width_projection(model_cfg.decoder.width, teacher.config.decoder.width).to(d.device)
         student = StudentForward(model, vocab, projector,
                                  cfg.loss.kd_temperature if cfg.loss.caption_kd > 0 else None,
-                                 cfg.loss.kd_temperature if cfg.loss.caption_seq_kd > 0 else None)
+                                 cfg.loss.kd_temperature if cfg.loss.caption_seq_kd > 0 else None,
+                                 decoder_projector)
+        seq_filter = None
+        if cfg.teacher.filter_hallucinated and cfg.loss.caption_seq_kd > 0:
+            seq_filter = _HallucinationFilter(data, tokenizer)
         optimizer = torch.optim.AdamW(_param_groups(student, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                       betas=cfg.optim.betas, eps=cfg.optim.eps)
         start_step = 0
@@ -409,8 +470,10 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
                 if saved_arch is not None and saved_arch != json.loads(model_cfg.to_json()):
                     raise TrainConfigError(f"checkpoint {path} holds a different architecture than {cfg.model}")
                 model.load_state_dict(loaded.model, strict=True)
-                if projector is not None:
-                    projector.load_state_dict({k[len("projector."):]: v for k, v in loaded.extra.items()}, strict=True)
+                for prefix, module in (("projector.", projector), ("decoder_projector.", decoder_projector)):
+                    if module is not None:
+                        module.load_state_dict({k[len(prefix):]: v for k, v in loaded.extra.items()
+                                                if k.startswith(prefix)}, strict=True)
                 optimizer.load_state_dict(loaded.state["optimizer"])
                 torch.set_rng_state(loaded.state["torch_rng"])
                 start_step = int(loaded.meta["step"])
@@ -435,7 +498,9 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         def save(step_done: int) -> None:
             if not d.main:
                 return
-            extra = {f"projector.{k}": v for k, v in projector.state_dict().items()} if projector is not None else {}
+            extra = {f"{prefix}{k}": v for prefix, module in (("projector.", projector),
+                                                              ("decoder_projector.", decoder_projector))
+                     if module is not None for k, v in module.state_dict().items()}
             ckpt.save_checkpoint(
                 ckpt_root, step_done, model.state_dict(), model_cfg.to_json(), extra,
                 {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
@@ -471,18 +536,22 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
             logs_acc: dict[str, float] = {}
             for micro in range(cfg.grad_accum):
                 indices = sampler.indices(step, micro, cfg.grad_accum, d.rank, d.world)
-                batch = make_batch(data, indices, tokenizer, model_cfg, cfg.data.max_text_len)
+                batch = make_batch(data, indices, tokenizer, model_cfg, cfg.data.max_text_len,
+                                   negatives=cfg.loss.hard_negative > 0)
                 t_out = teacher_source(batch, indices) if teacher_source is not None else None
                 if t_out is not None:
+                    if seq_filter is not None:
+                        t_out = seq_filter(t_out, indices)
                     t_out = t_out.to(d.device)
+                neg_text = batch.negatives.text.to(d.device) if batch.negatives is not None else None
                 generated = t_out.gen_text if t_out is not None else None  # set only with caption_seq_kd
                 last = micro == cfg.grad_accum - 1
                 sync = wrapped.no_sync() if (d.world > 1 and not last) else _null()
                 with sync:
                     with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                        out = wrapped(batch.pixels.to(d.device), batch.text.to(d.device), generated)
+                        out = wrapped(batch.pixels.to(d.device), batch.text.to(d.device), generated, neg_text)
                     labels = batch.text[:, 1:].to(d.device)
-                    total, logs = _losses(out, labels, t_out, cfg, vocab, pad_id, d)
+                    total, logs = _losses(out, labels, t_out, cfg, vocab, pad_id, d, batch.negatives)
                     (total / cfg.grad_accum).backward()
                 for k, v in logs.items():
                     logs_acc[k] = logs_acc.get(k, 0.0) + v / cfg.grad_accum
