@@ -92,6 +92,17 @@ def _blame(model: Any, node_name: str, ops: tuple[str, ...] | None) -> list[str]
     return [n.name for n in found]
 
 
+def _packed_head(plan: dict[str, Any], graphs: dict[str, Any]) -> list[str]:
+    """The decoder's logits nodes when the plan stores them as blocks (``logits_block_bits``)."""
+    from .methods import _producers
+
+    cfg = plan.get("decoder")
+    if cfg is None or "decoder" not in graphs or not (getattr(cfg, "keep_logits", False)
+                                                      and getattr(cfg, "logits_block_bits", 0)):
+        return []
+    return [n for n in _producers(graphs["decoder"], "logits") if n not in cfg.exclude_nodes]
+
+
 def _with_fallback(plan: dict[str, Any], nodes: list[tuple[str, str]]) -> dict[str, Any]:
     by_graph: dict[str, list[str]] = {}
     for graph, node in nodes:
@@ -146,7 +157,11 @@ def quantize_with_fallback(bundle_dir: str | os.PathLike, config: AutoFallbackCo
         if not first.passed:
             drifts, _notes = validator.localize(path, top_k=config.top_k)
             graphs = {g: onnx.load(str(bundle.graph_path(g)), load_external_data=False) for g in plan}
-            ranked = _quantizable(plan, drifts, graphs)[:config.max_nodes]
+            ranked = _quantizable(plan, drifts, graphs)
+            # The block-packed vocabulary head goes back first, whatever its SQNR rank: it decides
+            # every argmax, and localisation ranks it last (docs/quantization.md).
+            head = [("decoder", n) for n in _packed_head(plan, graphs)]
+            ranked = (head + [r for r in ranked if r not in head])[:config.max_nodes]
             if not ranked:
                 raise FallbackFailed(f"gates {config.gates} fail ({'; '.join(first.failed_gates)}) and localisation "
                                      "found no quantized node to return to FP32; nothing written")

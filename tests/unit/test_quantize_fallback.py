@@ -65,3 +65,21 @@ def test_no_mix_passes_writes_nothing(tiny_bundle, tmp_path, capsys):
                  "--eval-samples", "4", "--max-fallback-nodes", "1", "--out", str(tmp_path / "cli"), "--json"])
     assert code == 1 and "no mix passes" in capsys.readouterr().err
     assert not (tmp_path / "cli").exists()
+
+
+def test_block_packed_head_is_the_first_fallback_candidate(tiny_bundle):
+    """The head decides every argmax but ranks last by SQNR, so the fallback tries it first."""
+    import onnx
+
+    from coca_edge.quantize import Int8DynamicConfig
+    from coca_edge.quantize.fallback import _packed_head
+    from coca_edge.quantize.methods import _producers
+
+    src, _ = tiny_bundle
+    graphs = {"decoder": onnx.load(str(src / "decoder.onnx"), load_external_data=False)}
+    head = _producers(graphs["decoder"], "logits")
+    assert head and _packed_head({"decoder": Int8DynamicConfig()}, graphs) == head
+    assert _packed_head({"decoder": Int8DynamicConfig(logits_block_bits=0)}, graphs) == []
+    assert _packed_head({"decoder": Int8DynamicConfig(keep_logits=False)}, graphs) == []
+    assert _packed_head({"decoder": Int8DynamicConfig(exclude_nodes=tuple(head))}, graphs) == []
+    assert _packed_head({"decoder": Int8StaticConfig()}, graphs) == []
