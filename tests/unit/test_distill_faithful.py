@@ -28,6 +28,8 @@ from coca_edge.distill.trainer import _Dist, _HallucinationFilter, _losses, trai
 from coca_edge.models import CoCa
 from coca_edge.tokenizer import Tokenizer
 
+from tests.unit.test_distill_losses import batch  # noqa: F401  (the same pixels and captions fixture)
+
 PAD = 0
 MAX_LEN = 20
 _SIZE_WORDS = {"small", "little", "large", "big"}
@@ -163,18 +165,6 @@ def test_csv_dataset_negatives(tmp_path, tiny_config):
 
 
 # ------------------------------------------------------------------ loss terms
-
-
-@pytest.fixture()
-def batch(tiny_config):
-    g = torch.Generator().manual_seed(3)
-    pixels = torch.randn(4, 3, 32, 32, generator=g)
-    text = torch.zeros(4, 10, dtype=torch.long)
-    for i, n in enumerate((8, 6, 7, 5)):
-        text[i, 0] = tiny_config.sot_token_id
-        text[i, 1:n] = torch.randint(1, 3000, (n - 1,), generator=g)
-        text[i, n] = tiny_config.eot_token_id
-    return pixels, text
 
 
 def _cfg(**weights):
