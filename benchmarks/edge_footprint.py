@@ -180,19 +180,12 @@ def make_device_venv(where: Path) -> Path:
 def external_data_copy(src: Path, dest: Path) -> Path:
     """A copy of a bundle with every graph's weights in ``<graph>.onnx.data`` (ONNX external data),
     the layout ORT maps from disk instead of parsing into memory (docs/edge.md)."""
-    import onnx
-
-    from coca_edge.runtime.bundle import write_manifest
+    from coca_edge.runtime.bundle import externalize_weights, write_manifest
 
     shutil.copytree(src, dest)
     manifest = json.loads((dest / "manifest.json").read_text())
     for name, graph in manifest["graphs"].items():
-        path = dest / graph["file"]
-        model = onnx.load(str(path))
-        for old in graph.get("data_files", []):
-            (dest / old).unlink()
-        onnx.save_model(model, str(path), save_as_external_data=True, location=f"{path.name}.data")
-        graph["data_files"] = [f"{path.name}.data"]
+        graph["data_files"] = externalize_weights(dest / graph["file"])
     extra = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "coca_edge_version",
                                                             "source_model", "graphs", "files", "validated_with")}
     write_manifest(dest, manifest["graphs"], manifest["source_model"], manifest["coca_edge_version"], extra=extra)

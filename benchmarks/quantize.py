@@ -145,11 +145,8 @@ def main() -> None:
         runners[name] = {g: OrtRunner(b.graph_path(g), threads=args.threads,
                                       optimization="extended" if fp16 else "all", name=g)
                          for g in b.manifest["graphs"]}
-    def graph_bytes(path: Path, g: str) -> int:  # the .onnx and its external data
-        m = Bundle.load(path, verify_hashes=False).manifest
-        return sum(m["files"][f]["bytes"] for f in [m["graphs"][g]["file"], *m["graphs"][g].get("data_files", [])])
-
-    sizes = {name: {g: graph_bytes(p, g) for g in GRAPHS} for name, p in variants.items()}
+    sizes = {name: {g: b.graph_bytes(g) for g in GRAPHS}
+             for name, b in ((n, Bundle.load(p, verify_hashes=False)) for n, p in variants.items())}
     ref_out = {b: {g: runners["fp32"][g].run(feeds[b][g]) for g in GRAPHS} for b in batches}
     drift = {name: {g: _drift(ref_out[batches[-1]][g], r[g].run(feeds[batches[-1]][g])) for g in GRAPHS}
              for name, r in runners.items()}

@@ -127,11 +127,10 @@ def _finalize(tmp_path: Path, path: Path) -> list[Path]:
     and infer shapes."""
     import onnx
 
-    model = onnx.load(str(tmp_path), load_external_data=True)
-    data_name = path.name + ".data"
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_name, size_threshold=1024)
-    files = [path] + ([path.with_name(data_name)] if path.with_name(data_name).exists() else [])
+    from coca_edge.runtime.bundle import externalize_weights
+
+    data_files = externalize_weights(path, onnx.load(str(tmp_path), load_external_data=True))
+    files = [path] + [path.with_name(name) for name in data_files]
     try:
         onnx.checker.check_model(str(path), full_check=False)
         onnx.shape_inference.infer_shapes_path(str(path), str(path) + ".shapes", check_type=True)

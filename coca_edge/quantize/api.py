@@ -1,7 +1,6 @@
 """``quantize(bundle_dir, config, out_dir, calib)``: an FP32 bundle in, a new quantized bundle out."""
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -114,7 +113,7 @@ def _write_graphs(bundle, plan, staging: Path, calibration, cache_dir, progress:
     from .methods import count_ops
 
     files = bundle.manifest["files"]
-    graph_files = {f for g in bundle.manifest["graphs"].values() for f in [g["file"], *g.get("data_files", [])]}
+    graph_files = {f for g in bundle.manifest["graphs"] for f in bundle.graph_files(g)}
     for rel in files:
         if rel not in graph_files and rel != MANIFEST:
             (staging / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -131,10 +130,7 @@ def _write_graphs(bundle, plan, staging: Path, calibration, cache_dir, progress:
         meta = bundle.manifest["graphs"][graph]
         source = bundle.graph_path(graph)
         target = staging / f"{graph}.onnx"
-        # with external data the .onnx holds only the structure: the weights' hashes are part of its identity
-        model_sha = files[meta["file"]]["sha256"] if not meta.get("data_files") else hashlib.sha256(
-            "".join(files[f]["sha256"] for f in [meta["file"], *meta["data_files"]]).encode()).hexdigest()
-        job = GraphJob(graph, source, target, cfg, model_sha, calibration,
+        job = GraphJob(graph, source, target, cfg, bundle.graph_digest(graph), calibration,
                        Path(cache_dir) if cache_dir else None, list(meta.get("data_files", [])))
         try:
             info = method_for(cfg)(job)

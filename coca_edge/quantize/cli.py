@@ -100,24 +100,20 @@ def _fallback_failed() -> type:
     return FallbackFailed
 
 
-def _graph_bytes(files: dict, graph: dict) -> int | None:
-    """A graph's bytes on disk: its .onnx and its external data files."""
-    names = [graph["file"], *graph.get("data_files", [])]
-    return sum(files[n]["bytes"] for n in names) if all(n in files for n in names) else None
-
-
 def _report(out, as_json: bool) -> None:
-    manifest = json.loads((out / "manifest.json").read_text())
-    files = manifest["files"]
-    source = manifest["quantization"]["source_bundle"]["path"]
-    source_manifest = Path(source) / "manifest.json"
-    source = json.loads(source_manifest.read_text()) if source_manifest.is_file() else {"files": {}, "graphs": {}}
+    from coca_edge.runtime.bundle import Bundle, BundleError
+
+    bundle = Bundle.load(out, verify_hashes=False)
+    manifest = bundle.manifest
+    try:  # the FP32 bundle it came from, for the size ratio (it may have moved since)
+        source = Bundle.load(manifest["quantization"]["source_bundle"]["path"], verify_hashes=False)
+    except (BundleError, OSError):
+        source = None
     rows = {}
     for name, g in manifest["graphs"].items():
         q = g["quantization"]
-        src = source["graphs"].get(name)
-        rows[name] = {"precision": g["precision"], "method": q["method"], "bytes": _graph_bytes(files, g),
-                      "fp32_bytes": _graph_bytes(source["files"], src) if src else None,
+        rows[name] = {"precision": g["precision"], "method": q["method"], "bytes": bundle.graph_bytes(name),
+                      "fp32_bytes": source.graph_bytes(name) if source and name in source.manifest["graphs"] else None,
                       "excluded_nodes": q["excluded_nodes"],
                       "calibration": q.get("calibration", {}).get("cache")}
     summary = {"bundle": str(out), "graphs": rows, "fallback": manifest["quantization"].get("fallback")}

@@ -132,17 +132,10 @@ def _pack_blocks(path: Path, nodes: list[str], bits: int, block_size: int = 32) 
     """Store the weights of exactly ``nodes`` (MatMuls with a constant weight) of the graph at
     ``path`` as ``bits``-bit blocks (``MatMulNBits``, int8 compute); every other node is untouched."""
     import onnx
-    from onnxruntime.quantization import QuantFormat
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    model = onnx.load(str(path))
-    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in nodes]
-    algo = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=4,
-                                        quant_format=QuantFormat.QOperator, bits=bits, op_types_to_quantize=("MatMul",))
-    with _quiet():
-        quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=others, algo_config=algo)
-        quantizer.process()
-    quantizer.model.save_model_to_file(str(path), False)
+    others = [n.name for n in onnx.load(str(path), load_external_data=False).graph.node
+              if n.op_type == "MatMul" and n.name not in nodes]
+    _matmul_nbits(path, path, others, bits=bits, block_size=block_size, symmetric=True, accuracy_level=4)
 
 
 def _excluded(job: GraphJob, cfg: Any) -> list[str]:
@@ -206,22 +199,29 @@ def _static(job: GraphJob) -> dict[str, Any]:
 
 @register(WeightOnlyConfig)
 def _weight_only(job: GraphJob) -> dict[str, Any]:
+    cfg: WeightOnlyConfig = job.config
+    _check_nodes(job, cfg.exclude_nodes)
+    _matmul_nbits(job.source, job.target, list(cfg.exclude_nodes), bits=cfg.bits, block_size=cfg.block_size,
+                  symmetric=cfg.symmetric, accuracy_level=cfg.accuracy_level, qdq=cfg.format == "qdq",
+                  op_types=cfg.op_types)
+    return {}
+
+
+def _matmul_nbits(source: Path, target: Path, exclude: list[str], *, bits: int, block_size: int, symmetric: bool,
+                  accuracy_level: int, qdq: bool = False, op_types: tuple[str, ...] = ("MatMul",)) -> None:
+    """ORT's block-wise weight-only quantizer over ``source``, every node but ``exclude``."""
     import onnx
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    cfg: WeightOnlyConfig = job.config
-    _check_nodes(job, cfg.exclude_nodes)
-    fmt = QuantFormat.QOperator if cfg.format == "matmulnbits" else QuantFormat.QDQ
-    algo = DefaultWeightOnlyQuantConfig(block_size=cfg.block_size, is_symmetric=cfg.symmetric,
-                                        accuracy_level=cfg.accuracy_level, quant_format=fmt, bits=cfg.bits,
-                                        op_types_to_quantize=cfg.op_types)
-    model = onnx.load(str(job.source))
+    algo = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level,
+                                        quant_format=QuantFormat.QDQ if qdq else QuantFormat.QOperator, bits=bits,
+                                        op_types_to_quantize=op_types)
+    model = onnx.load(str(source))
     with _quiet():
-        quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=list(cfg.exclude_nodes), algo_config=algo)
+        quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=exclude, algo_config=algo)
         quantizer.process()
-    quantizer.model.save_model_to_file(str(job.target), False)
-    return {}
+    quantizer.model.save_model_to_file(str(target), False)
 
 
 @register(Fp16Config)

@@ -97,7 +97,7 @@ class EdgeCoCa:
                             providers=providers.get(name) if isinstance(providers, Mapping) else providers,
                             expected_io=bundle.graph_io(name), name=name, memory=memory,
                             initializers=shared.get(name, ()), requirement=requirements.get(name),
-                            optimized_cache=cache_dir, identity=_graph_identity(bundle, name))
+                            optimized_cache=cache_dir, identity=bundle.graph_digest(name))
             for name in bundle.manifest["graphs"]
         }
         edge = cls(bundle, runners, Tokenizer.load(bundle.root))
@@ -267,9 +267,3 @@ def _check_onnxruntime(bundle: Bundle) -> dict[str, str]:
                               "onnxruntime-gpu)")
     return requirements
 
-
-def _graph_identity(bundle: Bundle, graph: str) -> str:
-    """The manifest's digests of a graph's files (what the optimised-graph cache is keyed on)."""
-    meta = bundle.manifest["graphs"][graph]
-    files = bundle.manifest["files"]
-    return ",".join(files[f]["sha256"] for f in [meta["file"], *meta.get("data_files", [])] if f in files)

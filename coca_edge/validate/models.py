@@ -143,8 +143,7 @@ def _open_bundle(spec: str, path: Path, providers: Sequence[str] | None, threads
     bundle = edge.bundle
     graphs = bundle.manifest["graphs"]
     precisions = sorted({g["precision"] for g in graphs.values()})
-    files = bundle.manifest["files"]
-    size = sum(files[f]["bytes"] for g in graphs.values() for f in [g["file"], *g.get("data_files", [])])
+    size = sum(bundle.graph_bytes(name) for name in graphs)
     return ModelUnderTest(spec, "onnx", edge, precisions[0] if len(precisions) == 1 else "mixed", size, None,
                           {name: bundle.graph_path(name) for name in graphs}, bundle.manifest)
 
