@@ -285,9 +285,14 @@ class Bundle:
         return bool(self.manifest.get("fused_cross_kv"))
 
 
-def _cache_path() -> Path:
+def cache_root() -> Path:
+    """``$XDG_CACHE_HOME/coca-edge`` (``~/.cache/coca-edge``): where the runtime's caches live."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "coca-edge" / "verified-sha256.json"
+    return Path(base) / "coca-edge"
+
+
+def _cache_path() -> Path:
+    return cache_root() / "verified-sha256.json"
 
 
 def _stat_key(path: Path) -> str:

@@ -32,8 +32,9 @@ _RECORD = "entry.json"
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "coca-edge" / "optimized-graphs"
+    from .bundle import cache_root
+
+    return cache_root() / "optimized-graphs"
 
 
 def _cpu() -> str:
