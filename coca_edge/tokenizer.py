@@ -19,7 +19,6 @@ import shutil
 import zlib
 from collections.abc import Iterable, Sequence
 
-import ftfy
 import numpy as np
 import regex
 
@@ -97,6 +96,9 @@ def _check_context_length(context_length: object) -> int:
 def _clean(text: str) -> str:
     # CLIP's order: repair mojibake, unescape twice (web captions are often double-escaped),
     # collapse whitespace, lower-case last.
+    # ftfy is imported here, not at module load: it costs ~40 ms and captioning never encodes text.
+    import ftfy
+
     text = html.unescape(html.unescape(ftfy.fix_text(text)))
     return " ".join(text.split()).lower()
 

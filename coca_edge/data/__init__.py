@@ -1,59 +1,54 @@
 """Data for coca-edge: readers for image-caption datasets, torch-free preprocessing
 identical to open_clip's, the embedded ``synthetic-scenes`` dataset and its evaluation
 tasks. Nothing here imports torch (``webdataset``, which does, is imported only when a
-``WebDatasetReader`` pass starts)."""
-from .fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST, find_fashion_mnist
-from .preprocess import (
-    DEFAULT_MAX_PIXELS,
-    OPENAI_MEAN,
-    OPENAI_STD,
-    ImageLoadError,
-    PreprocessConfig,
-    Preprocessor,
-    load_image,
-    normalize,
-    preprocess,
-    preprocess_batch,
-    resize_and_crop,
-    to_rgb,
-)
-from .preview import contact_sheet, save_contact_sheet
-from .readers import (
-    IMAGE_EXTENSIONS,
-    BaseReader,
-    CocoCaptionsReader,
-    CsvReader,
-    DataError,
-    ImageFolderReader,
-    Sample,
-    SkipStats,
-    WebDatasetReader,
-    expand_urls,
-)
-from .synthetic import (
-    COLORS,
-    DATASET_NAME,
-    RELATIONS,
-    SHAPES,
-    SIZES,
-    SPLITS,
-    Scene,
-    SceneConfig,
-    SceneObject,
-    SyntheticScenes,
-    reference_captions,
-    render_scene,
-    write_synthetic,
-)
-from .tasks import (
-    CaptionTask,
-    ChoiceTask,
-    RetrievalTask,
-    ZeroShotTask,
-    parse_caption,
-    score_captions,
-    synthetic_tasks,
-)
+``WebDatasetReader`` pass starts).
+
+The names below are loaded on first use (PEP 562), so importing one submodule - the edge
+runtime imports only ``preprocess`` - does not pay for the others."""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "fashion_mnist": (
+        "FASHION_MNIST_CLASSES", "FashionMNIST", "find_fashion_mnist",
+    ),
+    "preprocess": (
+        "DEFAULT_MAX_PIXELS", "OPENAI_MEAN", "OPENAI_STD", "ImageLoadError", "PreprocessConfig",
+        "Preprocessor", "load_image", "normalize", "preprocess", "preprocess_batch", "resize_and_crop",
+        "to_rgb",
+    ),
+    "preview": (
+        "contact_sheet", "save_contact_sheet",
+    ),
+    "readers": (
+        "IMAGE_EXTENSIONS", "BaseReader", "CocoCaptionsReader", "CsvReader", "DataError",
+        "ImageFolderReader", "Sample", "SkipStats", "WebDatasetReader", "expand_urls",
+    ),
+    "synthetic": (
+        "COLORS", "DATASET_NAME", "RELATIONS", "SHAPES", "SIZES", "SPLITS", "Scene", "SceneConfig",
+        "SceneObject", "SyntheticScenes", "reference_captions", "render_scene", "write_synthetic",
+    ),
+    "tasks": (
+        "CaptionTask", "ChoiceTask", "RetrievalTask", "ZeroShotTask", "parse_caption", "score_captions",
+        "synthetic_tasks",
+    ),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_MODULE_OF))
+
 
 __all__ = [
     "BaseReader", "COLORS", "CaptionTask", "ChoiceTask", "CocoCaptionsReader", "CsvReader", "DATASET_NAME",

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -35,10 +35,46 @@ class Classification:
         return [(self.labels[i], float(self.probs[i])) for i in order]
 
 
+class LazyRunners(Mapping[str, Runner]):
+    """The bundle's graphs, each session opened the first time it is asked for.
+
+    Captioning needs the image encoder and the decoder, classification the two encoders: a
+    process that only captions never pays for opening the text encoder (a tenth of a second on a
+    B-32 bundle). ``EdgeCoCa.load(..., lazy_sessions=False)`` opens every graph up front.
+    """
+
+    def __init__(self, factories: Mapping[str, Callable[[], Runner]]):
+        self._factories = dict(factories)
+        self._open: dict[str, Runner] = {}
+
+    def __getitem__(self, name: str) -> Runner:
+        runner = self._open.get(name)
+        if runner is None:
+            if name not in self._factories:
+                raise KeyError(name)
+            runner = self._open[name] = self._factories[name]()
+        return runner
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._factories)
+
+    def __len__(self) -> int:
+        return len(self._factories)
+
+    def opened(self) -> list[str]:
+        """Names of the graphs whose sessions are open."""
+        return list(self._open)
+
+    def open_all(self) -> "LazyRunners":
+        for name in self._factories:
+            self[name]
+        return self
+
+
 class EdgeCoCa:
     """A CoCa bundle loaded into ONNX Runtime sessions."""
 
-    def __init__(self, bundle: Bundle, runners: dict[str, Runner], tokenizer: Tokenizer):
+    def __init__(self, bundle: Bundle, runners: Mapping[str, Runner], tokenizer: Tokenizer):
         self.bundle = bundle
         self.runners = runners
         self.tokenizer = tokenizer
@@ -54,8 +90,8 @@ class EdgeCoCa:
     def load(cls, path: str | os.PathLike, providers: Sequence[str] | Mapping[str, Sequence] | None = None,
              threads: int | None = None, verify_hashes: bool = True, memory: str | MemoryConfig = "default",
              engines: str | os.PathLike | None = None, io_binding: bool = False,
-             optimized_cache: bool | str | os.PathLike = True) -> "EdgeCoCa":
-        """Verify a bundle directory and open one session per graph.
+             optimized_cache: bool | str | os.PathLike = True, lazy_sessions: bool = True) -> "EdgeCoCa":
+        """Verify a bundle directory and prepare one session per graph.
 
         ``providers`` defaults to TensorRT, CUDA, CPU - those this onnxruntime build has; a mapping
         gives each graph its own list (``runtime.trt.tensorrt_providers``: ORT's TensorRT EP).
@@ -68,6 +104,10 @@ class EdgeCoCa:
         next time (``runtime.optimized``; True: ``$XDG_CACHE_HOME/coca-edge/optimized-graphs``, a
         folder, or False). Costs one more copy of the weights on disk, saves most of the session
         opening time.
+        ``lazy_sessions``: open each graph's session the first time a task needs it (captioning
+        never opens the text encoder); False opens them all now, so a graph ORT cannot load fails
+        here rather than at its first use. The bundle's hashes and ORT version are checked now
+        either way.
         """
         if isinstance(memory, str):
             if memory not in MEMORY_PRESETS:
@@ -92,14 +132,16 @@ class EdgeCoCa:
             from .optimized import default_cache_dir
 
             cache_dir = default_cache_dir() if optimized_cache is True else Path(optimized_cache)
-        runners: dict[str, Runner] = {
-            name: OrtRunner(bundle.graph_path(name), threads=threads, optimization=level,
-                            providers=providers.get(name) if isinstance(providers, Mapping) else providers,
-                            expected_io=bundle.graph_io(name), name=name, memory=memory,
-                            initializers=shared.get(name, ()), requirement=requirements.get(name),
-                            optimized_cache=cache_dir, identity=bundle.graph_digest(name))
-            for name in bundle.manifest["graphs"]
-        }
+        def factory(name: str) -> Callable[[], Runner]:
+            return lambda: OrtRunner(bundle.graph_path(name), threads=threads, optimization=level,
+                                     providers=providers.get(name) if isinstance(providers, Mapping) else providers,
+                                     expected_io=bundle.graph_io(name), name=name, memory=memory,
+                                     initializers=shared.get(name, ()), requirement=requirements.get(name),
+                                     optimized_cache=cache_dir, identity=bundle.graph_digest(name))
+
+        runners = LazyRunners({name: factory(name) for name in bundle.manifest["graphs"]})
+        if not lazy_sessions:
+            runners.open_all()
         edge = cls(bundle, runners, Tokenizer.load(bundle.root))
         return edge.use_io_binding() if io_binding else edge
 

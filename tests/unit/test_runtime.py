@@ -108,7 +108,10 @@ def test_graph_io_not_matching_manifest(bundle_copy):
     manifest["files"]["decoder.onnx"] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="decoder.onnx: graph IO does not match the manifest"):
-        EdgeCoCa.load(bundle_copy)
+        EdgeCoCa.load(bundle_copy, lazy_sessions=False)
+    model = EdgeCoCa.load(bundle_copy)  # sessions open on first use: the same error comes then
+    with pytest.raises(BundleError, match="decoder.onnx: graph IO does not match the manifest"):
+        model.caption([np.zeros((20, 30, 3), np.uint8)], max_new_tokens=3)
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +214,36 @@ def test_sessions_stop_spinning_after_each_run(runtime):
     for name, runner in runtime.runners.items():
         options = runner.session.get_session_options()
         assert options.get_session_config_entry("session.force_spinning_stop") == "1", name
+
+
+def test_sessions_open_when_a_task_first_needs_them(tiny_bundle, tmp_path):
+    path, _ = tiny_bundle
+    model = EdgeCoCa.load(path)
+    assert model.runners.opened() == []  # verified and ready, nothing opened yet
+    model.caption([np.zeros((20, 30, 3), np.uint8)], max_new_tokens=3)
+    assert set(model.runners.opened()) == {"image_encoder", "cross_kv", "decoder"}  # no text encoder
+    model.classify([np.zeros((20, 30, 3), np.uint8)], ["cat", "dog"])
+    assert "text_encoder" in model.runners.opened()
+    eager = EdgeCoCa.load(path, lazy_sessions=False)
+    assert set(eager.runners.opened()) == set(Bundle.load(path).manifest["graphs"])
+    with pytest.raises(KeyError):
+        model.runners["no_such_graph"]
+
+
+def test_runtime_import_stays_lean():
+    # what a captioning process imports: no dataset code, no ftfy (it is loaded on the first encode)
+    code = textwrap.dedent("""
+        import sys
+        from coca_edge.runtime import EdgeCoCa
+        heavy = sorted(m for m in sys.modules if m.split('.')[0] == 'ftfy'
+                       or m in ('coca_edge.data.synthetic', 'coca_edge.data.tasks', 'coca_edge.data.readers',
+                                'coca_edge.data.fashion_mnist', 'coca_edge.data.preview'))
+        print(heavy)
+        from coca_edge.data import SyntheticScenes, score_captions   # lazily resolved names still import
+        from coca_edge.tokenizer import Tokenizer
+        Tokenizer().encode('a red cube')
+        print('ftfy' in sys.modules)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == ["[]", "True"]

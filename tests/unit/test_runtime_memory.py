@@ -220,7 +220,7 @@ def test_optimized_graph_cache_reopens_from_the_saved_graphs(bundle_copy, tmp_pa
 
 def test_optimized_graph_cache_ignores_changed_entries_and_changed_bundles(bundle_copy, tmp_path):
     cache = tmp_path / "optimized"
-    EdgeCoCa.load(bundle_copy, optimized_cache=cache)
+    EdgeCoCa.load(bundle_copy, optimized_cache=cache).runners["decoder"]  # opens (and caches) it
     entry = next(p for p in cache.iterdir() if p.name.startswith("decoder-"))
     with open(entry / "decoder.onnx", "ab") as f:  # a damaged cached graph
         f.write(b"\0")
