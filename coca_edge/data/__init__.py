@@ -3,20 +3,20 @@ identical to open_clip's, the embedded ``synthetic-scenes`` dataset and its eval
 tasks. Nothing here imports torch (``webdataset``, which does, is imported only when a
 ``WebDatasetReader`` pass starts).
 
-The names below are loaded on first use (PEP 562), so importing one submodule - the edge
-runtime imports only ``preprocess`` - does not pay for the others."""
+Preprocessing (what the edge runtime needs) is imported here; every other name is loaded on
+first use (PEP 562), so the runtime does not pay for the readers, datasets and tasks."""
 from __future__ import annotations
 
 import importlib
 
+# Eager, and it must be: ``preprocess`` is both a submodule and a function, and importing the
+# submodule sets the package attribute to the module, which a lazy lookup would then return.
+from .preprocess import (DEFAULT_MAX_PIXELS, OPENAI_MEAN, OPENAI_STD, ImageLoadError, PreprocessConfig, Preprocessor,
+                         load_image, normalize, preprocess, preprocess_batch, resize_and_crop, to_rgb)
+
 _EXPORTS = {
     "fashion_mnist": (
         "FASHION_MNIST_CLASSES", "FashionMNIST", "find_fashion_mnist",
-    ),
-    "preprocess": (
-        "DEFAULT_MAX_PIXELS", "OPENAI_MEAN", "OPENAI_STD", "ImageLoadError", "PreprocessConfig",
-        "Preprocessor", "load_image", "normalize", "preprocess", "preprocess_batch", "resize_and_crop",
-        "to_rgb",
     ),
     "preview": (
         "contact_sheet", "save_contact_sheet",

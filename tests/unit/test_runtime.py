@@ -247,3 +247,10 @@ def test_runtime_import_stays_lean():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[:2] == ["[]", "True"]
+
+
+def test_data_package_names_are_the_objects_not_submodules():
+    code = "import coca_edge.runtime, coca_edge.data as d; print(callable(d.preprocess), callable(d.score_captions))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "True"]
