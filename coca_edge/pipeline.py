@@ -455,6 +455,9 @@ def _stage_key(stage: Stage, resolved: Any, digests: dict[str, str]) -> tuple[st
         for raw in _strings(getattr(stage.params, key)):
             if not raw.startswith("@"):
                 inputs[raw] = _digest_path(Path(raw))
+    gates = getattr(stage.params, "gates", None)  # a gates file (not a shipped gate-set name) is an input
+    if isinstance(gates, str) and Path(gates).is_file():
+        inputs[gates] = _digest_path(Path(gates))
     if stage.type in ("distill", "train"):
         teacher = _train_teacher(resolved)
         if teacher:

@@ -200,3 +200,17 @@ def test_demo_recipe_end_to_end_shrunk(tmp_path, capsys):
     assert "teacher FP32" in out and "student INT8" in out  # the summary table
     assert f"ready to deploy: {run / 'student_int8' / 'out' / 'bundle'}" in out
     assert (run / "vs_teacher" / "out" / "report.html").is_file()
+
+
+def test_editing_a_gates_file_changes_the_stage_key(tmp_path):
+    from coca_edge.pipeline import QuantizeParams, Stage, _stage_key
+
+    gates = tmp_path / "gates.yaml"
+    gates.write_text("gates:\n  zero_shot_top1_drop: '<= 0.3'\n")
+    stage = Stage("q", "quantize", QuantizeParams(bundle=str(tmp_path), gates=str(gates)))
+    before, inputs = _stage_key(stage, stage.params, {})
+    assert str(gates) in inputs
+    gates.write_text("gates:\n  zero_shot_top1_drop: '<= 0.1'\n")
+    assert _stage_key(stage, stage.params, {})[0] != before
+    named = Stage("q", "quantize", QuantizeParams(bundle=str(tmp_path), gates="cpu-int8"))
+    assert "cpu-int8" not in _stage_key(named, named.params, {})[1]  # a shipped name, not a file
