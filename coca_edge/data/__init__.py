@@ -11,8 +11,8 @@ import importlib
 
 # Eager, and it must be: ``preprocess`` is both a submodule and a function, and importing the
 # submodule sets the package attribute to the module, which a lazy lookup would then return.
-from .preprocess import (DEFAULT_MAX_PIXELS, OPENAI_MEAN, OPENAI_STD, ImageLoadError, PreprocessConfig, Preprocessor,
-                         load_image, normalize, preprocess, preprocess_batch, resize_and_crop, to_rgb)
+from .preprocess import *  # noqa: F401,F403
+from .preprocess import __all__ as _EAGER
 
 _EXPORTS = {
     "fashion_mnist": (
@@ -50,13 +50,4 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_MODULE_OF))
 
 
-__all__ = [
-    "BaseReader", "COLORS", "CaptionTask", "ChoiceTask", "CocoCaptionsReader", "CsvReader", "DATASET_NAME",
-    "DEFAULT_MAX_PIXELS", "DataError", "FASHION_MNIST_CLASSES", "FashionMNIST", "IMAGE_EXTENSIONS",
-    "ImageFolderReader", "ImageLoadError", "OPENAI_MEAN", "OPENAI_STD", "PreprocessConfig", "Preprocessor",
-    "RELATIONS", "RetrievalTask", "SHAPES", "SIZES", "SPLITS", "Sample", "Scene", "SceneConfig", "SceneObject",
-    "SkipStats", "SyntheticScenes", "WebDatasetReader", "ZeroShotTask", "contact_sheet", "expand_urls",
-    "find_fashion_mnist", "load_image", "normalize", "parse_caption", "preprocess", "preprocess_batch",
-    "reference_captions", "render_scene", "resize_and_crop", "save_contact_sheet", "score_captions",
-    "synthetic_tasks", "to_rgb", "write_synthetic",
-]
+__all__ = sorted((*_EAGER, *_MODULE_OF))

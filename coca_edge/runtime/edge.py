@@ -39,8 +39,8 @@ class LazyRunners(Mapping[str, Runner]):
     """The bundle's graphs, each session opened the first time it is asked for.
 
     Captioning needs the image encoder and the decoder, classification the two encoders: a
-    process that only captions never pays for opening the text encoder (a tenth of a second on a
-    B-32 bundle). ``EdgeCoCa.load(..., lazy_sessions=False)`` opens every graph up front.
+    process that only captions never pays for opening the text encoder, nor holds its copy of the
+    text tower. ``EdgeCoCa.load(..., lazy_sessions=False)`` opens every graph up front.
     """
 
     def __init__(self, factories: Mapping[str, Callable[[], Runner]]):
