@@ -27,7 +27,7 @@ _EXTRA_FOR = {"torch": "torch", "onnx": "torch", "onnxscript": "torch", "yaml": 
               "tensorboard": "tensorboard", "open_clip": "test", "torchvision": "test", "transformers": "test"}
 # The commands each stage module registers, so that a command whose module cannot be imported on
 # this install is still listed and explains itself instead of being an "invalid choice".
-_STAGE_COMMANDS = {"coca_edge.distill.cli": ("train", "distill"), "coca_edge.exporters.cli": ("export",),
+_STAGE_COMMANDS = {"coca_edge.distill.cli": ("train", "distill", "prune-vocab"), "coca_edge.exporters.cli": ("export",),
                    "coca_edge.runtime.cli": ("caption", "classify"), "coca_edge.pipeline": ("pipeline",),
                    "coca_edge.quantize.cli": ("quantize",), "coca_edge.validate.cli": ("validate",),
                    "coca_edge.exporters.trt_cli": ("build-engine",)}

@@ -164,10 +164,13 @@ class EvalConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything one run needs. ``init`` is ``scratch``, ``inherit`` (from the teacher) or
-    a checkpoint path to fine-tune."""
+    a checkpoint path to fine-tune. ``vocab``: ``full`` keeps the tokenizer's whole vocabulary
+    in the model; ``data`` prunes it to the tokens of the training captions (a
+    ``vocab_subset`` model: far fewer parameters, same tokenizer, see docs/training.md)."""
 
     model: str = "test-tiny"
     init: str = "scratch"
+    vocab: str = "full"
     output_dir: str = "runs/train"
     seed: int = 0
     steps: int = 1000
@@ -196,6 +199,7 @@ class TrainConfig:
         _check(self.batch_size > 0 and self.grad_accum > 0, "batch_size and grad_accum must be > 0")
         _check(self.batch_size % self.grad_accum == 0,
                f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
+        _check(self.vocab in ("full", "data"), f"vocab must be 'full' or 'data', got {self.vocab!r}")
         _check(self.precision in ("fp32", "bf16"), f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         _check(self.freeze_visual_epochs >= 0, "freeze_visual_epochs must be >= 0")
         _check(self.time_budget_s is None or self.time_budget_s > 0, "time_budget_s must be > 0 or null")

@@ -28,7 +28,7 @@ def text_forward(model: CoCa, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     tt = model.text
     b, length = ids.shape
     ctx = tt.config.context_length
-    x = tt.token_embedding(ids) + tt.pos_embed[:length].to(tt.token_embedding.weight.dtype)
+    x = tt.embed(ids) + tt.pos_embed[:length].to(tt.token_embedding.weight.dtype)
     cls = (tt.cls_emb + tt.pos_embed[ctx]).view(1, 1, -1).expand(b, -1, -1).to(x.dtype)
     x = torch.cat([x, cls], dim=1)
     mask = tt._mask(ids)
@@ -180,6 +180,8 @@ def teacher_outputs(teacher: CoCa, pixels: torch.Tensor, text: torch.Tensor, top
     rows = hidden[valid]
     if rows.numel():
         values, indices = _topk_log_probs(rows, teacher.decoder.head, topk, temperature)
+        if teacher.config.vocab_subset:  # head columns -> token ids
+            indices = torch.tensor(teacher.config.vocab_subset, device=indices.device)[indices]
         ids[valid], lps[valid] = indices, values
     out = TeacherOutputs(image_embed.float(), text_embed.float(), teacher.logit_scale.exp().detach().float(), ids, lps)
     if with_decoder_hidden:

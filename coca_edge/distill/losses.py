@@ -43,10 +43,15 @@ class VocabSubset:
     no gradient), so every outside token has logit 0 and their joint softmax share is
     ``(V - |ids|) * exp(0)``: one extra "rest" column with logit ``log(V - |ids|)`` makes
     the normaliser exact. With ``ids`` = the whole vocabulary this is the ordinary softmax.
+
+    ``pruned``: the head *is* the ``ids`` columns (a model with ``vocab_subset``); tokens
+    outside have probability 0, so there is no rest column, and the losses leave such
+    tokens out (:meth:`contains`).
     """
 
-    def __init__(self, ids: torch.Tensor | None, vocab_size: int):
+    def __init__(self, ids: torch.Tensor | None, vocab_size: int, pruned: bool = False):
         self.vocab_size = vocab_size
+        self.pruned = pruned
         if ids is None:
             ids = torch.arange(vocab_size)
         ids = torch.unique(ids.long())
@@ -56,10 +61,25 @@ class VocabSubset:
         self.rest = vocab_size - ids.numel()
         self.position = torch.full((vocab_size,), -1, dtype=torch.long)
         self.position[ids] = torch.arange(ids.numel())
+        if pruned:
+            self.rest = 0
+
+    @classmethod
+    def for_model(cls, config, ids: torch.Tensor | None) -> "VocabSubset":
+        """A pruned model's own subset; else ``ids`` (None: the whole vocabulary)."""
+        if config.vocab_subset:
+            return cls(torch.tensor(config.vocab_subset), config.vocab_size, pruned=True)
+        return cls(ids, config.vocab_size)
 
     @property
     def full(self) -> bool:
         return self.rest == 0
+
+    def contains(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Bool mask: which ``token_ids`` the model can predict (all of them unless pruned)."""
+        if not self.pruned:
+            return torch.ones_like(token_ids, dtype=torch.bool)
+        return self.position.to(token_ids.device)[token_ids] >= 0
 
     def log_probs(self, hidden: torch.Tensor, head: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """``[..., W]`` -> ``[..., |ids| (+1 rest column)]`` log-probabilities (fp32)."""
@@ -72,6 +92,9 @@ class VocabSubset:
     def gather(self, log_probs: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """Log-probabilities of ``token_ids`` (any vocabulary id) from :meth:`log_probs` output."""
         pos = self.position.to(token_ids.device)[token_ids]
+        if self.pruned:  # outside tokens: a finite stand-in for log 0 (the losses mask them out)
+            picked = log_probs.gather(-1, pos.clamp(min=0))
+            return torch.where(pos >= 0, picked, torch.full_like(picked, -1.0e4))
         if self.full:
             return log_probs.gather(-1, pos)
         inside = pos >= 0
@@ -81,7 +104,7 @@ class VocabSubset:
 
     def mean_log_prob(self, log_probs: torch.Tensor) -> torch.Tensor:
         """Mean over the whole vocabulary of the log-probabilities (for label smoothing)."""
-        if self.full:
+        if self.full:  # (pruned: the mean over the tokens it has)
             return log_probs.mean(dim=-1)
         each_rest = log_probs[..., -1] - math.log(self.rest)
         return (log_probs[..., :-1].sum(dim=-1) + self.rest * each_rest) / self.vocab_size
@@ -110,7 +133,7 @@ def hard_negative_loss(image: torch.Tensor, text: torch.Tensor, negatives: torch
 def caption_loss(log_probs: torch.Tensor, labels: torch.Tensor, vocab: VocabSubset, pad_id: int,
                  label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy: ``(sum over non-pad tokens, their count)``."""
-    mask = labels != pad_id
+    mask = (labels != pad_id) & vocab.contains(labels)
     nll = -vocab.gather(log_probs, labels.unsqueeze(-1)).squeeze(-1)
     if label_smoothing > 0:
         nll = (1 - label_smoothing) * nll - label_smoothing * vocab.mean_log_prob(log_probs)
@@ -183,12 +206,14 @@ def caption_kd_loss(student_log_probs: torch.Tensor, vocab: VocabSubset, teacher
     rest of its mass is one "other" bucket, compared with the student's mass outside those
     k tokens. This is the exact KL between both distributions coarsened to k + 1 outcomes:
     zero when the student equals the teacher, and it still penalises student mass placed
-    outside the teacher's top-k. Scaled by ``temperature ** 2`` (Hinton et al.).
+    outside the teacher's top-k. Scaled by ``temperature ** 2`` (Hinton et al.). A pruned
+    student cannot predict tokens outside its vocabulary: those top-k entries join the
+    teacher's "other" bucket (where the student has them at probability 0).
     Returns ``(sum over masked positions, their count)``.
     """
     s = vocab.gather(student_log_probs, teacher_ids)
     t = teacher_log_probs.float()
-    pt = t.exp()
+    pt = t.exp() * vocab.contains(teacher_ids)
     kl = (pt * (t - s)).sum(dim=-1)
     rest_t = (1 - pt.sum(dim=-1)).clamp(min=0)
     rest_s = (1 - s.exp().sum(dim=-1)).clamp(min=1e-12)

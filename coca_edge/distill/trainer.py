@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..models import CoCa, CoCaConfig, get_preset
-from ..models.inherit import inherit_weights
+from ..models.inherit import inherit_weights, prune_vocabulary
 from ..models.openclip import CheckpointError, load_checkpoint
 from ..tokenizer import Tokenizer
 from . import checkpoint as ckpt
@@ -431,9 +431,6 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         teacher = _load_teacher(cfg, d.device)
         if teacher is not None:
             check_teacher(teacher.config, model_cfg, cfg)
-        model = _init_student(cfg, model_cfg, teacher)
-        model_cfg = model.config
-        model.to(d.device)
         tokenizer = Tokenizer(context_length=model_cfg.context_length)
         data = open_train_data(cfg.data, model_cfg)
         global_batch = cfg.batch_size
@@ -441,9 +438,17 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
             raise TrainConfigError(f"batch_size {global_batch} must be divisible by grad_accum x world size "
                                    f"({cfg.grad_accum} x {d.world})")
         vocab_ids = None
-        if cfg.loss.caption_vocab == "data":
+        if cfg.loss.caption_vocab == "data" or cfg.vocab == "data":
             vocab_ids = data_vocabulary(data, tokenizer, model_cfg, cfg.data.max_text_len)
-        vocab = VocabSubset(vocab_ids, model_cfg.vocab_size)
+        if cfg.vocab == "data" and cfg.init in ("scratch", "inherit"):
+            keep = {*vocab_ids.tolist(), model_cfg.sot_token_id, model_cfg.eot_token_id, model_cfg.pad_token_id}
+            model_cfg = model_cfg.replace(vocab_subset=tuple(sorted(keep)))
+        model = _init_student(cfg, model_cfg, teacher)
+        if cfg.vocab == "data" and not model.config.vocab_subset:  # a full-vocabulary checkpoint to fine-tune
+            model = prune_vocabulary(model, vocab_ids.tolist())
+        model_cfg = model.config
+        model.to(d.device)
+        vocab = VocabSubset.for_model(model_cfg, vocab_ids)
         if not vocab.full:
             outside = torch.ones(model_cfg.vocab_size, dtype=torch.bool)
             outside[vocab.ids] = False

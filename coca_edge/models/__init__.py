@@ -1,6 +1,6 @@
 """CoCa models: configuration presets, the PyTorch module and open_clip interop."""
-from .coca import CoCa, ContextLengthError, DecodeCache
-from .inherit import InheritError, inherit_weights
+from .coca import PRUNED_LOGIT, CoCa, ContextLengthError, DecodeCache
+from .inherit import InheritError, inherit_weights, prune_vocabulary
 from .config import (
     CoCaConfig,
     ConfigError,
@@ -14,6 +14,7 @@ from .config import (
 __all__ = [
     "CoCa",
     "CoCaConfig",
+    "PRUNED_LOGIT",
     "ConfigError",
     "ContextLengthError",
     "DecodeCache",
@@ -24,4 +25,5 @@ __all__ = [
     "get_preset",
     "inherit_weights",
     "list_presets",
+    "prune_vocabulary",
 ]

@@ -24,7 +24,23 @@ from torch import nn
 
 from .config import CoCaConfig
 
-__all__ = ["CoCa", "DecodeCache", "ContextLengthError"]
+__all__ = ["CoCa", "DecodeCache", "ContextLengthError", "PRUNED_LOGIT"]
+
+# The logit of every token outside a pruned model's vocabulary (``CoCaConfig.vocab_subset``):
+# finite, so differences and KL terms between two pruned models stay finite and FP16 holds
+# it, and low enough that softmax gives those tokens exactly 0 in FP32 and greedy or beam
+# search never picks one.
+PRUNED_LOGIT = -1.0e4
+
+
+def _subset_index(config: CoCaConfig, outside: int) -> torch.Tensor | None:
+    """int32 ``[vocab_size]``: each token id's row in a pruned model (``outside`` where the
+    id is not kept); None for an unpruned model."""
+    if not config.vocab_subset:
+        return None
+    index = torch.full((config.vocab_size,), outside, dtype=torch.int32)
+    index[torch.tensor(config.vocab_subset)] = torch.arange(len(config.vocab_subset), dtype=torch.int32)
+    return index
 
 
 class ContextLengthError(ValueError):
@@ -205,7 +221,12 @@ class TextTower(nn.Module):
         tc = config.text
         self.config = tc
         self.pad_id = config.pad_token_id
-        self.token_embedding = nn.Embedding(tc.vocab_size, tc.width)
+        self.token_embedding = nn.Embedding(config.vocab_rows, tc.width)
+        # Pruned vocabulary: token id -> embedding row (an id outside the subset reads the pad row).
+        rows = _subset_index(config, 0)
+        if rows is not None:
+            rows[rows == 0] = config.vocab_subset.index(config.pad_token_id)
+        self.register_buffer("token_rows", rows, persistent=False)
         self.cls_emb = nn.Parameter(torch.empty(tc.width))
         self.pos_embed = nn.Parameter(torch.empty(tc.context_length + 1, tc.width))
         self.blocks = nn.ModuleList(
@@ -224,13 +245,17 @@ class TextTower(nn.Module):
         valid = torch.cat([valid, ones] if self.config.correct_cls_mask else [ones, valid], dim=1)
         return (causal.unsqueeze(0) & valid.unsqueeze(1)).unsqueeze(1)
 
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings of tokenizer ids (through the row map when the vocabulary is pruned)."""
+        return self.token_embedding(ids if self.token_rows is None else self.token_rows[ids])
+
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Full sequence (training / embedding): returns pooled CLS ``[B, E]`` and token states ``[B, L, W]``."""
         b, length = ids.shape
         if length > self.config.context_length:
             raise ContextLengthError(
                 f"text has {length} tokens, the model's context length is {self.config.context_length}")
-        x = self.token_embedding(ids)
+        x = self.embed(ids)
         x = torch.cat([x, self.cls_emb.view(1, 1, -1).expand(b, -1, -1).to(x.dtype)], dim=1)
         x = x + self.pos_embed[: length + 1].to(x.dtype)
         mask = self._mask(ids)
@@ -244,7 +269,7 @@ class TextTower(nn.Module):
         s = ids.shape[1]
         p = past.shape[4]
         positions = torch.arange(s, device=ids.device) + p
-        x = self.token_embedding(ids) + F.embedding(positions, self.pos_embed).to(self.token_embedding.weight.dtype)
+        x = self.embed(ids) + F.embedding(positions, self.pos_embed).to(self.token_embedding.weight.dtype)
         mask = _step_mask(p, s, ids.device)
         present = []
         for i, block in enumerate(self.blocks):
@@ -270,7 +295,16 @@ class MultimodalDecoder(nn.Module):
         self.cross = nn.ModuleList(
             CrossBlock(dc.width, dc.heads, dc.mlp_ratio, config.quick_gelu) for _ in range(dc.layers))
         self.ln_final = nn.LayerNorm(dc.width)
-        self.head = nn.Parameter(torch.empty(dc.width, config.vocab_size))
+        self.head = nn.Parameter(torch.empty(dc.width, config.vocab_rows))
+        # Pruned vocabulary: token id -> head column, or the appended PRUNED_LOGIT column.
+        self.register_buffer("logit_columns", _subset_index(config, config.vocab_rows), persistent=False)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final states -> logits over the whole token id space (PRUNED_LOGIT outside a subset)."""
+        logits = hidden @ self.head
+        if self.logit_columns is None:
+            return logits
+        return F.pad(logits, (0, 1), value=PRUNED_LOGIT).index_select(-1, self.logit_columns)
 
     def cross_kv(self, image_tokens: torch.Tensor) -> torch.Tensor:
         return torch.stack([blk.cross_kv(image_tokens) for blk in self.cross])
@@ -286,7 +320,7 @@ class MultimodalDecoder(nn.Module):
         return self.ln_final(x)
 
     def forward(self, token_states: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
-        return self.hidden(token_states, cross) @ self.head
+        return self.logits(self.hidden(token_states, cross))
 
     def forward_cached(self, token_states: torch.Tensor, past: torch.Tensor,
                        cross: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -298,7 +332,7 @@ class MultimodalDecoder(nn.Module):
             x, k, v = blk(x, mask=mask, past=past[i])
             present.append(torch.stack([k, v]))
             x = xblk(x, cross[i], step=True)
-        return self.ln_final(x) @ self.head, torch.stack(present)
+        return self.logits(self.ln_final(x)), torch.stack(present)
 
 
 class CoCa(nn.Module):

@@ -144,6 +144,12 @@ class CoCaConfig:
     image_mean: tuple[float, float, float] = OPENAI_MEAN
     image_std: tuple[float, float, float] = OPENAI_STD
     description: str = ""
+    # Vocabulary pruning: the tokenizer ids this model has embedding rows and head columns
+    # for (sorted; must hold the start, end and pad ids). Empty = the whole vocabulary.
+    # Token ids everywhere outside the model stay the tokenizer's: the model maps them to
+    # rows on input (an id outside the subset embeds as the pad token) and returns logits
+    # over the whole vocabulary, PRUNED_LOGIT outside the subset (see ``coca.py``).
+    vocab_subset: tuple[int, ...] = ()
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -166,6 +172,19 @@ class CoCaConfig:
             value = getattr(self, key)
             if not 0 <= value < self.text.vocab_size:
                 raise ConfigError(f"{key} ({value}) must lie in [0, text.vocab_size={self.text.vocab_size})")
+        subset = tuple(self.vocab_subset)
+        if subset:
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in subset):
+                raise ConfigError("vocab_subset must be a list of integer token ids")
+            if any(b <= a for a, b in zip(subset, subset[1:])):
+                raise ConfigError("vocab_subset must be sorted and without repeats")
+            if subset[0] < 0 or subset[-1] >= self.text.vocab_size:
+                raise ConfigError(f"vocab_subset ids must lie in [0, text.vocab_size={self.text.vocab_size})")
+            missing = [key for key in ("sot_token_id", "eot_token_id", "pad_token_id")
+                       if getattr(self, key) not in set(subset)]
+            if missing:
+                raise ConfigError(f"vocab_subset must contain the {', '.join(missing)}")
+        object.__setattr__(self, "vocab_subset", subset)
         for key in ("image_mean", "image_std"):
             value = tuple(getattr(self, key))
             if len(value) != 3:
@@ -182,10 +201,21 @@ class CoCaConfig:
 
     @property
     def vocab_size(self) -> int:
+        """Size of the token id space (the tokenizer's), pruned or not."""
         return self.text.vocab_size
 
+    @property
+    def vocab_rows(self) -> int:
+        """Embedding rows / head columns the model holds: the subset's size, or the vocabulary."""
+        return len(self.vocab_subset) or self.text.vocab_size
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if not self.vocab_subset:  # unpruned configs (and every hash of them) read as before pruning existed
+            del out["vocab_subset"]
+        else:
+            out["vocab_subset"] = list(self.vocab_subset)
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -228,7 +258,7 @@ def _build(cls: type, data: Any, source: str, partial: dict[str, Any] | None = N
         raise ConfigError(f"{source}: unknown key(s) {unknown}; allowed: {sorted(names)}")
     kwargs = dict(data)
     kwargs.update(partial or {})
-    for key in ("image_mean", "image_std"):
+    for key in ("image_mean", "image_std", "vocab_subset"):
         if key in kwargs and isinstance(kwargs[key], list):
             kwargs[key] = tuple(kwargs[key])
     try:

@@ -9,7 +9,12 @@ stay in the teacher's order, so a student with the teacher's exact shape is the 
 Consistency across towers: the text tower, the decoder and the attentional pooler's output
 share one residual space (``embed_dim`` = text width = decoder width) and are sliced with
 one channel set; the pooler keeps query 0 (the contrastive latent) and evenly spaced
-others; the vocabulary, patch size and image size must match.
+others; the token id space, patch size and image size must match.
+
+Vocabulary pruning (``CoCaConfig.vocab_subset``): a student keeps the teacher's embedding
+rows and head columns of its subset, which must lie inside the teacher's own. A student
+with the teacher's shape and a subset is the teacher, pruned: for kept tokens it computes
+what the teacher does (``prune_vocabulary``).
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import torch
 from .coca import CoCa
 from .config import CoCaConfig
 
-__all__ = ["InheritError", "inherit_weights"]
+__all__ = ["InheritError", "inherit_weights", "prune_vocabulary"]
 
 
 class InheritError(ValueError):
@@ -67,16 +72,36 @@ def _check(teacher: CoCaConfig, student: CoCaConfig) -> None:
         le(f"{tower}.head_dim", s.head_dim, t.head_dim)
         le(f"{tower}.mlp", int(s.width * s.mlp_ratio), int(t.width * t.mlp_ratio))
     eq("text.vocab_size", student.text.vocab_size, teacher.text.vocab_size)
+    if teacher.vocab_subset:
+        if not student.vocab_subset:
+            problems.append(f"the teacher's vocabulary is pruned to {len(teacher.vocab_subset)} tokens: "
+                            "the student needs a vocab_subset inside it")
+        else:
+            extra = sorted(set(student.vocab_subset) - set(teacher.vocab_subset))
+            if extra:
+                problems.append(f"vocab_subset: {len(extra)} token id(s) the pruned teacher does not have "
+                                f"(first: {extra[:5]})")
     le("text.context_length", student.text.context_length, teacher.text.context_length)
     eq("quick_gelu", student.quick_gelu, teacher.quick_gelu)
     if problems:
         raise InheritError("cannot inherit weights: " + "; ".join(problems))
 
 
+def _vocab_rows(teacher: CoCaConfig, student: CoCaConfig) -> torch.Tensor | None:
+    """The teacher's embedding rows (= head columns) the student keeps; None: all of them."""
+    if not student.vocab_subset:
+        return None
+    if not teacher.vocab_subset:
+        return torch.tensor(student.vocab_subset)
+    row = {token: i for i, token in enumerate(teacher.vocab_subset)}
+    return torch.tensor([row[token] for token in student.vocab_subset])
+
+
 class _Plan:
     def __init__(self, state: dict[str, torch.Tensor], teacher: CoCaConfig, student: CoCaConfig):
         self.t = state
         self.tc, self.sc = teacher, student
+        self.vocab = _vocab_rows(teacher, student)
         self.layers = {
             "visual.blocks": _even(teacher.vision.layers, student.vision.layers),
             "text.blocks": _even(teacher.text.layers, student.text.layers),
@@ -104,7 +129,10 @@ class _Plan:
                 score += col(t[f"{b}.mlp.fc1.weight"]) + row(t[f"{b}.mlp.fc2.weight"])
             score += col(t["visual.pool.k.weight"]) + col(t["visual.pool.v.weight"])
             return score
-        score = col(t["text.token_embedding.weight"]) + row(t["decoder.head"]) + row(t["text.proj"])
+        emb, head = t["text.token_embedding.weight"], t["decoder.head"]
+        if self.vocab is not None:  # only the tokens the student keeps
+            emb, head = emb.index_select(0, self.vocab), head.index_select(1, self.vocab)
+        score = col(emb) + row(head) + row(t["text.proj"])
         for b in self._blocks("text.blocks") + self._blocks("decoder.blocks"):
             score += col(t[f"{b}.attn.qkv.weight"]) + row(t[f"{b}.attn.out.weight"])
             score += col(t[f"{b}.mlp.fc1.weight"]) + row(t[f"{b}.mlp.fc2.weight"])
@@ -160,10 +188,10 @@ class _Plan:
             "visual.pool.ln_q.weight": [re], "visual.pool.ln_q.bias": [re],
             "visual.pool.ln_k.weight": [rv], "visual.pool.ln_k.bias": [rv],
             "visual.ln_post.weight": [re], "visual.ln_post.bias": [re], "visual.proj": [re, re],
-            "text.token_embedding.weight": [None, re], "text.cls_emb": [re],
+            "text.token_embedding.weight": [self.vocab, re], "text.cls_emb": [re],
             "text.pos_embed": [torch.arange(sc.text.context_length + 1), re],
             "text.ln_final.weight": [re], "text.ln_final.bias": [re], "text.proj": [re, re],
-            "decoder.ln_final.weight": [re], "decoder.ln_final.bias": [re], "decoder.head": [re, None],
+            "decoder.ln_final.weight": [re], "decoder.ln_final.bias": [re], "decoder.head": [re, self.vocab],
             "logit_scale": [],
         }
         if name in fixed:
@@ -228,3 +256,13 @@ def inherit_weights(teacher: CoCa, student_config: CoCaConfig) -> CoCa:
         new_state[name] = value.to(param.dtype)
     student.load_state_dict(new_state, strict=True)
     return student
+
+
+def prune_vocabulary(model: CoCa, token_ids) -> CoCa:
+    """``model`` keeping only ``token_ids`` (plus its start, end and pad tokens): exact for
+    text made of kept tokens, and it never predicts another token. A model trained with
+    ``caption_vocab: data`` on the same captions has zero head columns outside them, so
+    pruning to that vocabulary only removes tokens whose logit was a constant 0."""
+    cfg = model.config
+    keep = sorted({int(i) for i in token_ids} | {cfg.sot_token_id, cfg.eot_token_id, cfg.pad_token_id})
+    return inherit_weights(model, cfg.replace(vocab_subset=tuple(keep)))

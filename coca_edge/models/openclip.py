@@ -323,6 +323,10 @@ def _triple(value: Any) -> list[float]:
 
 def config_to_open_clip(config: CoCaConfig) -> dict[str, Any]:
     """The ``open_clip_config.json`` content of a hub snapshot for this architecture."""
+    if config.vocab_subset:
+        raise CheckpointError(f"{config.name}: a vocabulary-pruned model ({len(config.vocab_subset)} tokens) has no "
+                              "open_clip form (open_clip models hold the whole vocabulary); save it in coca-edge's "
+                              "format (model.safetensors + config.json) instead")
     vc, tc, dc = config.vision, config.text, config.decoder
     return {
         "model_cfg": {
@@ -385,6 +389,7 @@ def save_open_clip(model: CoCa, path: str | os.PathLike) -> Path:
     a hub snapshot directory (``open_clip_config.json`` + ``open_clip_model.safetensors``).
     """
     path = Path(path)
+    config_to_open_clip(model.config)  # refuses a vocabulary-pruned model before anything is written
     state = {k: v.detach().cpu().contiguous() for k, v in to_open_clip(model.state_dict(), model.config).items()}
     if path.suffix in (".bin", ".pt", ".pth"):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -243,7 +243,9 @@ def _fp16(job: GraphJob) -> dict[str, Any]:
 
 
 def _producers(model: Any, output: str) -> list[str]:
-    """The MatMul/Gemm computing graph output ``output`` and the elementwise ops after it."""
+    """The MatMul/Gemm computing graph output ``output`` and the elementwise ops after it
+    (for a vocabulary-pruned model also the Pad + Gather that spread its columns over the
+    whole vocabulary: the pad value is far outside any calibrated range)."""
     by_output = {o: n for n in model.graph.node for o in n.output}
     if output not in {o.name for o in model.graph.output}:
         return []
@@ -253,7 +255,7 @@ def _producers(model: Any, output: str) -> list[str]:
         names.append(node.name)
         if node.op_type in ("MatMul", "Gemm"):
             return names
-        if node.op_type not in ("Add", "Reshape", "Cast", "Identity", "Mul"):
+        if node.op_type not in ("Add", "Reshape", "Cast", "Identity", "Mul", "Gather", "Pad", "Concat"):
             return []
         tensor = node.input[0]
     return []

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -14,13 +15,17 @@ from .bundle import Bundle, BundleError, _version_tuple, required_onnxruntime
 from .generation import DecoderLayout, GenerationConfig, GenerationOutput, generate
 from .runners import MEMORY_PRESETS, MemoryConfig, OrtRunner, Runner, onnxruntime_version
 
-__all__ = ["EdgeCoCa", "Classification", "InputError", "DEFAULT_TEMPLATES"]
+__all__ = ["EdgeCoCa", "Classification", "InputError", "UnknownTokenWarning", "DEFAULT_TEMPLATES"]
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
 class InputError(ValueError):
     """Images or texts handed to EdgeCoCa are not usable (names the item and what was expected)."""
+
+
+class UnknownTokenWarning(UserWarning):
+    """Text for a vocabulary-pruned model holds tokens outside its vocabulary."""
 
 
 @dataclass
@@ -201,7 +206,17 @@ class EdgeCoCa:
                 if n > ctx:
                     raise InputError(f"text {i} has {n} tokens (with start/end), the model's context length is "
                                      f"{ctx}; shorten it or pass truncate=True")
-        return self.tokenizer(texts, context_length=ctx)
+        ids = self.tokenizer(texts, context_length=ctx)
+        subset = self.model_config.get("vocab_subset")
+        if subset:
+            unknown = ~np.isin(ids, subset)
+            if unknown.any():
+                rows = sorted({int(r) for r in np.nonzero(unknown.any(axis=1))[0]})
+                words = self.tokenizer.decode([int(i) for i in np.unique(ids[unknown])][:5])
+                warnings.warn(f"{len(rows)} text(s) (first: {rows[0]}, {texts[rows[0]]!r}) use tokens this "
+                              f"vocabulary-pruned model does not have ({words!r}...); they embed as padding",
+                              UnknownTokenWarning, stacklevel=3)
+        return ids
 
     # -- embeddings ----------------------------------------------------------------------
     def _image_outputs(self, pixels: np.ndarray) -> dict[str, np.ndarray]:

@@ -256,9 +256,18 @@ class Validator:
                 for name in ref_out.keys() & out.keys():
                     add(graph, name, ref_out[name], out[name], 2 if name == "cross_kv" else 0)
         agree, total = 0, 0
+        # A vocabulary-pruned model has logits only for its kept tokens (a constant elsewhere):
+        # the logits are compared on the tokens both models keep.
+        subsets = [set(c["vocab_subset"]) for c in (self.reference.model_config, model.model_config)
+                   if c.get("vocab_subset")]
+        cols = np.array(sorted(set.intersection(*subsets))) if subsets else None
+        if cols is not None:
+            notes.append(f"decoder logits compared on the {len(cols)} tokens both models keep (vocabulary pruning)")
         for cross, seqs, ref_steps in self._ref_tensor["decoder"]:
             for (_, ref_logits, ref_present), (_, logits, present) in zip(
                     ref_steps, self._teacher_forced(model.runners["decoder"], cross, seqs)):
+                if cols is not None:
+                    ref_logits, logits = ref_logits[:, cols], logits[:, cols]
                 add("decoder", "logits", ref_logits, logits)
                 agree += int((ref_logits.argmax(-1) == logits.argmax(-1)).sum())
                 total += len(logits)
