@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import CoCaConfig
 
-__all__ = ["CoCa", "DecodeCache", "ContextLengthError", "PRUNED_LOGIT"]
+__all__ = ["CoCa", "DecodeCache", "ContextLengthError", "PRUNED_LOGIT", "LayerNorm", "half_with_fp32_blocks"]
 
 # The logit of every token outside a pruned model's vocabulary (``CoCaConfig.vocab_subset``):
 # finite, so differences and KL terms between two pruned models stay finite and FP16 holds
@@ -55,6 +55,19 @@ class DecodeCache(NamedTuple):
     @property
     def past_length(self) -> int:
         return self.text.shape[4]
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` computed in its parameters' dtype and returned in the input's: a model
+    cast to FP16 with its LayerNorms kept FP32 (``half_with_fp32_blocks``) normalises in FP32.
+    With one dtype throughout it is ``nn.LayerNorm`` (the casts are no-ops)."""
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The normalised ``x`` in the parameters' dtype (the decoder's last one feeds an FP32 head)."""
+        return super().forward(x.to(self.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.normalize(x).to(x.dtype)
 
 
 class QuickGELU(nn.Module):
@@ -88,11 +101,17 @@ def _attend_keys_first(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention for decode steps, computed as ``K @ q^T`` so that only the few new queries
     are transposed, never the cached keys (a per-step transpose of the 255 image keys of every
-    layer cost ~19% of an exported batch-8 decode step). Same sums as SDPA."""
+    layer cost ~19% of an exported batch-8 decode step). Same sums as SDPA; FP16 / BF16 scores
+    take their softmax in FP32, as SDPA's fused CPU / CUDA kernels accumulate it (an FP32
+    model, which is what is exported, never takes that branch)."""
     scores = torch.matmul(k, q.transpose(-1, -2)) * (q.shape[-1] ** -0.5)  # [B, H, T, S]
     if mask is not None:
         scores = scores.masked_fill(~mask.transpose(-1, -2), float("-inf"))
-    return torch.matmul(scores.softmax(dim=-2).transpose(-1, -2), v)
+    if scores.dtype == torch.float32:
+        probs = scores.softmax(dim=-2)
+    else:
+        probs = scores.float().softmax(dim=-2).to(scores.dtype)
+    return torch.matmul(probs.transpose(-1, -2), v)
 
 
 class SelfAttention(nn.Module):
@@ -121,9 +140,9 @@ class Block(nn.Module):
 
     def __init__(self, width: int, heads: int, mlp_ratio: float, quick_gelu: bool):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(width)
+        self.ln_1 = LayerNorm(width)
         self.attn = SelfAttention(width, heads)
-        self.ln_2 = nn.LayerNorm(width)
+        self.ln_2 = LayerNorm(width)
         self.mlp = MLP(width, mlp_ratio, quick_gelu)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
@@ -143,12 +162,12 @@ class CrossBlock(nn.Module):
     def __init__(self, width: int, heads: int, mlp_ratio: float, quick_gelu: bool):
         super().__init__()
         self.heads = heads
-        self.ln_1 = nn.LayerNorm(width)
-        self.ln_1_kv = nn.LayerNorm(width)
+        self.ln_1 = LayerNorm(width)
+        self.ln_1_kv = LayerNorm(width)
         self.q = nn.Linear(width, width)
         self.kv = nn.Linear(width, 2 * width)
         self.out = nn.Linear(width, width)
-        self.ln_2 = nn.LayerNorm(width)
+        self.ln_2 = LayerNorm(width)
         self.mlp = MLP(width, mlp_ratio, quick_gelu)
 
     def cross_kv(self, image_tokens: torch.Tensor) -> torch.Tensor:
@@ -175,8 +194,8 @@ class AttentionalPooler(nn.Module):
         super().__init__()
         self.heads = heads
         self.query = nn.Parameter(torch.empty(queries, dim))
-        self.ln_q = nn.LayerNorm(dim)
-        self.ln_k = nn.LayerNorm(context_dim)
+        self.ln_q = LayerNorm(dim)
+        self.ln_k = LayerNorm(context_dim)
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(context_dim, dim)
         self.v = nn.Linear(context_dim, dim)
@@ -197,11 +216,11 @@ class VisionTower(nn.Module):
         self.patch_embed = nn.Conv2d(3, vc.width, kernel_size=vc.patch_size, stride=vc.patch_size, bias=False)
         self.cls_token = nn.Parameter(torch.empty(vc.width))
         self.pos_embed = nn.Parameter(torch.empty(vc.grid * vc.grid + 1, vc.width))
-        self.ln_pre = nn.LayerNorm(vc.width)
+        self.ln_pre = LayerNorm(vc.width)
         self.blocks = nn.ModuleList(
             Block(vc.width, vc.heads, vc.mlp_ratio, config.quick_gelu) for _ in range(vc.layers))
         self.pool = AttentionalPooler(config.embed_dim, vc.width, vc.attn_pooler_heads, vc.attn_pooler_queries)
-        self.ln_post = nn.LayerNorm(config.embed_dim)
+        self.ln_post = LayerNorm(config.embed_dim)
         self.proj = nn.Parameter(torch.empty(config.embed_dim, config.embed_dim))
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,7 +250,7 @@ class TextTower(nn.Module):
         self.pos_embed = nn.Parameter(torch.empty(tc.context_length + 1, tc.width))
         self.blocks = nn.ModuleList(
             Block(tc.width, tc.heads, tc.mlp_ratio, config.quick_gelu) for _ in range(tc.layers))
-        self.ln_final = nn.LayerNorm(tc.width)
+        self.ln_final = LayerNorm(tc.width)
         self.proj = nn.Parameter(torch.empty(tc.width, config.embed_dim))
 
     def _mask(self, ids: torch.Tensor) -> torch.Tensor:
@@ -294,14 +313,14 @@ class MultimodalDecoder(nn.Module):
             Block(dc.width, dc.heads, dc.mlp_ratio, config.quick_gelu) for _ in range(dc.layers))
         self.cross = nn.ModuleList(
             CrossBlock(dc.width, dc.heads, dc.mlp_ratio, config.quick_gelu) for _ in range(dc.layers))
-        self.ln_final = nn.LayerNorm(dc.width)
+        self.ln_final = LayerNorm(dc.width)
         self.head = nn.Parameter(torch.empty(dc.width, config.vocab_rows))
         # Pruned vocabulary: token id -> head column, or the appended PRUNED_LOGIT column.
         self.register_buffer("logit_columns", _subset_index(config, config.vocab_rows), persistent=False)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final states -> logits over the whole token id space (PRUNED_LOGIT outside a subset)."""
-        logits = hidden @ self.head
+        logits = hidden.to(self.head.dtype) @ self.head  # (an FP32 head in an FP16 model: FP32 logits)
         if self.logit_columns is None:
             return logits
         return F.pad(logits, (0, 1), value=PRUNED_LOGIT).index_select(-1, self.logit_columns)
@@ -317,7 +336,7 @@ class MultimodalDecoder(nn.Module):
         for i, (blk, xblk) in enumerate(zip(self.blocks, self.cross)):
             x, _, _ = blk(x, mask=mask)
             x = xblk(x, cross[i])
-        return self.ln_final(x)
+        return self.ln_final.normalize(x)
 
     def forward(self, token_states: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
         return self.logits(self.hidden(token_states, cross))
@@ -332,7 +351,7 @@ class MultimodalDecoder(nn.Module):
             x, k, v = blk(x, mask=mask, past=past[i])
             present.append(torch.stack([k, v]))
             x = xblk(x, cross[i], step=True)
-        return self.logits(self.ln_final(x)), torch.stack(present)
+        return self.logits(self.ln_final.normalize(x)), torch.stack(present)
 
 
 class CoCa(nn.Module):
@@ -440,3 +459,16 @@ class CoCa(nn.Module):
                 f"decoding to {total} tokens exceeds the model's context length {self.config.context_length}")
         logits, text, dec = self.decode_tensors(ids, cache.text, cache.decoder, cache.cross)
         return logits, DecodeCache(text, dec, cache.cross)
+
+
+def half_with_fp32_blocks(model: CoCa) -> CoCa:
+    """``model`` in FP16 except what an FP16 bundle keeps in FP32 (``quantize.Fp16Config``'s
+    block list): every LayerNorm and the decoder's vocabulary head. Attention softmax
+    accumulates in FP32 (SDPA's fused kernels; ``_attend_keys_first`` upcasts). Real FP16 arithmetic
+    everywhere else, so this measures what FP16 deployment costs."""
+    model.half()
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.float()
+    model.decoder.head.data = model.decoder.head.data.float()
+    return model

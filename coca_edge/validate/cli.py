@@ -16,8 +16,9 @@ _EXAMPLE = """example:
       --data synthetic-scenes:val --samples 500 --gates cpu-int8 --localize 10 --out reports/demo
 
 models: a bundle directory (ONNX Runtime) or a checkpoint (.safetensors, .pt/.bin, an open_clip
-snapshot directory, a coca-edge checkpoint; PyTorch). CKPT@fp16 / CKPT@bf16 runs a checkpoint in
-that dtype. Gates: a YAML file or a shipped name (cpu-int8, gpu-fp16); metric names are listed in
+snapshot directory, a coca-edge checkpoint; PyTorch). CKPT@fp16 runs a checkpoint in real FP16
+arithmetic with LayerNorm and the vocabulary head in FP32 (what an FP16 bundle computes);
+CKPT@fp16-pure and CKPT@bf16 run every op in that dtype. Gates: a YAML file or a shipped name (cpu-int8, gpu-fp16); metric names are listed in
 docs/validation.md. Exit 0: all gates pass; 1: a gate failed; 2: usage or input error."""
 
 
@@ -30,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        epilog=_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reference", required=True, help="reference model (bundle or checkpoint), usually FP32")
     p.add_argument("--candidate", action="append", required=True, help="candidate model; repeat for several")
+    p.add_argument("--label", action="append", help="name of a candidate in tables and plots; one per --candidate, "
+                                                    "in the same order (default: the candidate's path)")
     p.add_argument("--data", default="synthetic-scenes:val", help=f"evaluation data: {DATA_HELP}")
     p.add_argument("--samples", type=int, default=500, help="samples per task (default 500)")
     p.add_argument("--gates", help="gates YAML file or shipped name (cpu-int8, gpu-fp16)")
@@ -71,13 +74,17 @@ def _run(args: argparse.Namespace) -> int:
         print("coca-edge validate: error: --samples, --batch-size and --max-new-tokens must be >= 1 and "
               "--localize >= 0", file=sys.stderr)
         return 2
+    if args.label is not None and len(args.label) != len(args.candidate):
+        print(f"coca-edge validate: error: {len(args.label)} --label for {len(args.candidate)} --candidate "
+              "(give one per candidate, in order)", file=sys.stderr)
+        return 2
     providers = [p.strip() for p in args.providers.split(",")] if args.providers else None
     try:
         report = validate(args.reference, args.candidate, data=args.data, samples=args.samples, gates=args.gates,
                           localize=args.localize, out=args.out, latency=not args.no_latency,
                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                           tensor_samples=args.tensor_samples, providers=providers, threads=args.threads,
-                          different_architecture=args.different_architecture)
+                          different_architecture=args.different_architecture, labels=args.label)
     except _input_errors() as err:
         print(f"coca-edge validate: error: {err}", file=sys.stderr)
         return 2

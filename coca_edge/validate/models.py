@@ -19,7 +19,10 @@ from ..runtime.bundle import MANIFEST
 __all__ = ["ModelUnderTest", "TorchRunner", "open_model", "check_compatible", "ModelSpecError",
            "IncompatibleModelsError", "DTYPE_SUFFIXES"]
 
-DTYPE_SUFFIXES = ("fp32", "fp16", "bf16")
+# fp16: FP16 arithmetic with what an FP16 bundle keeps in FP32 (LayerNorm, the vocabulary head);
+# fp16-pure: every op in FP16.
+DTYPE_SUFFIXES = ("fp32", "fp16", "fp16-pure", "bf16")
+_TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "fp16-pure": "float16", "bf16": "bfloat16"}
 # Architecture keys that must agree between reference and candidate (names and descriptions may differ).
 _ARCH_KEYS = ("vision", "text", "decoder", "embed_dim", "quick_gelu", "sot_token_id", "eot_token_id",
               "pad_token_id")
@@ -50,7 +53,7 @@ class TorchRunner:
         self.output_names = list(output_names)
         self.name = name
         self.device = torch.device(device)
-        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+        self.dtype = getattr(torch, _TORCH_DTYPES[dtype])
 
     def run(self, feed: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         import torch
@@ -122,8 +125,9 @@ def _dir_bytes(path: Path) -> int:
 
 def open_model(spec: str | os.PathLike, providers: Sequence[str] | None = None, threads: int | None = None,
                device: str = "cpu") -> ModelUnderTest:
-    """A bundle directory (ONNX Runtime) or a checkpoint (PyTorch; ``PATH@fp16`` / ``@bf16`` runs it in
-    that dtype - real reduced-precision math, unlike ONNX Runtime's CPU FP16 emulation)."""
+    """A bundle directory (ONNX Runtime) or a checkpoint (PyTorch; ``PATH@fp16`` / ``@fp16-pure`` /
+    ``@bf16`` runs it in that dtype - real reduced-precision math, unlike ONNX Runtime's CPU FP16
+    emulation; ``@fp16`` keeps LayerNorm and the vocabulary head in FP32 as FP16 bundles do)."""
     if isinstance(spec, ModelUnderTest):
         return spec
     path_str, dtype = _split_spec(str(spec))
@@ -163,8 +167,11 @@ def _open_checkpoint(spec: str, path: Path, dtype: str, device: str) -> ModelUnd
     except (OSError, RuntimeError) as err:
         raise ModelSpecError(f"{path}: cannot read as a checkpoint ({str(err).splitlines()[0]})") from None
     config = bundle_config(model)  # before any dtype change: the logit scale is read in FP32
-    model = model.to(device=device, dtype={"fp32": torch.float32, "fp16": torch.float16,
-                                            "bf16": torch.bfloat16}[dtype]).eval()
+    model = model.to(device=device, dtype=getattr(torch, _TORCH_DTYPES[dtype])).eval()
+    if dtype == "fp16":
+        from ..models.coca import half_with_fp32_blocks
+
+        model = half_with_fp32_blocks(model)
     specs = graph_specs(model.config)
     runners = {name: TorchRunner(s.reference_module(model).eval(), s.input_names, s.output_names, name, dtype,
                                  device) for name, s in specs.items()}

@@ -234,7 +234,63 @@ def _plots(report) -> dict[str, str]:
         ax.set_ylabel(acc_key)
         ax.set_title(f"{acc_key} vs {name}")
         plots[f"acc_{name}"] = _png(fig)
+    fig = frontier_figure(report)
+    if fig is not None:
+        plots["frontier"] = _png(fig)
     return plots
+
+
+_FRONTIER = (("zero_shot_top1", "zero-shot top-1"), ("retrieval_R@1", "retrieval R@1"),
+             ("binding", "binding"), ("hallucination_rate", "hallucination rate"))
+
+
+def frontier_figure(report):
+    """Size / fidelity frontier: each model's task metrics against its parameter count (log
+    axis, relative to the reference), accuracy as a share of the reference's on the left and
+    hallucination / binding on the right; one marker per model, one colour per metric. None
+    unless the models differ in parameter count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    rows = [r for r in (report.reference, *report.results) if r.metrics.get("params")]
+    ref = report.reference.metrics
+    if len(rows) < 2 or len({r.metrics["params"] for r in rows}) < 2 or not ref.get("params"):
+        return None
+    markers = "*oDs^v<>ph"
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    panels = ((left, _FRONTIER[:2], True), (right, _FRONTIER[2:], False))
+    for ax, metrics, relative in panels:
+        for c, (key, label) in enumerate(metrics):
+            if key not in ref or (relative and not ref[key]):
+                continue
+            for i, r in enumerate(rows):
+                value = r.metrics.get(key)
+                if value is None:
+                    continue
+                y = 100 * value / ref[key] if relative else 100 * value
+                ax.scatter([r.metrics["params"] / ref["params"]], [y], marker=markers[i % len(markers)],
+                           color=colours[c], s=110 if i == 0 else 45, zorder=3)
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters / reference's")
+        ax.grid(alpha=0.3)
+        ax.legend(handles=[Line2D([], [], ls="", marker="o", color=colours[c], label=label)
+                           for c, (key, label) in enumerate(metrics) if key in ref], fontsize=7, loc="best")
+    left.axhline(95, color="grey", lw=0.8, ls="--")
+    left.set_ylabel("% of the reference")
+    left.set_title("accuracy vs parameters (dashed: 95%)")
+    if "hallucination_rate" in ref:
+        right.axhline(100 * ref["hallucination_rate"] + 2, color="grey", lw=0.8, ls="--")
+    right.set_ylabel("%")
+    right.set_title("faithfulness vs parameters (dashed: reference's hallucination + 2 pt)")
+    fig.legend(handles=[Line2D([], [], ls="", marker=markers[i % len(markers)], color="black",
+                               label=_short(r) + (" (reference)" if i == 0 else ""))
+                        for i, r in enumerate(rows)],
+               fontsize=7, loc="lower center", ncol=min(3, len(rows)), bbox_to_anchor=(0.5, -0.14))
+    return fig
 
 
 # ------------------------------------------------------------------ html
@@ -316,7 +372,7 @@ def render_html(report, images: Any = None) -> str:
              '<h2 id="summary">Summary</h2>', _table_html(summary_rows(report), verdict_col=len(_COLUMNS) + 1)]
     parts += [f'<p class="note">note: {html.escape(n)}</p>' for n in report.notes]
     parts.append('<h2 id="plots">Plots</h2>')
-    for key in ("cosine", "recall", "divergence", "acc_latency", "acc_size"):
+    for key in ("cosine", "recall", "divergence", "acc_latency", "acc_size", "frontier"):
         if key in plots:
             parts.append(f'<img class="plot" alt="{key}" src="data:image/png;base64,{plots[key]}">')
     scenes = None
@@ -377,4 +433,16 @@ def write_reports(report, out_dir: str | os.PathLike) -> Path:
         tmp = out_dir / f".{name}.tmp"
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, out_dir / name)
+    fig = frontier_figure(report)
+    if fig is not None:  # also as a file, for docs and the pipeline's summary
+        tmp = out_dir / ".frontier.png.tmp"
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        _close(fig)
+        os.replace(tmp, out_dir / "frontier.png")
     return out_dir
+
+
+def _close(fig) -> None:
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

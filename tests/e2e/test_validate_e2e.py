@@ -75,13 +75,17 @@ def test_identical_candidate_has_zero_drift_and_passes_every_gate(tiny_bundle, t
                      "  text_encoder.text_embed.max_abs: '<= 0'\n  cross_kv.cross_kv.max_abs: '<= 0'\n")
     out = tmp_path / "report"
     code = main(["validate", "--reference", str(tiny_bundle[0]), "--candidate", str(tiny_bundle[0]),
-                 "--gates", str(gates), "--out", str(out), *FAST])
+                 "--label", "same bundle", "--gates", str(gates), "--out", str(out), *FAST])
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "PASS" in printed and "FAIL" not in printed
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] is True
     cand = report["candidates"][0]
+    assert cand["label"] == "same bundle" and "same bundle" in printed
+    assert main(["validate", "--reference", str(tiny_bundle[0]), "--candidate", str(tiny_bundle[0]),
+                 "--label", "a", "--label", "b", *FAST]) == 2
+    assert "2 --label for 1 --candidate" in capsys.readouterr().err
     assert len(cand["gates"]) == 12 and all(g["passed"] for g in cand["gates"])
     assert cand["metrics"]["image_encoder.image_embed.sqnr_db"] == "inf"  # JSON has no inf: written as a string
     assert cand["metrics"]["first_divergence_mean"] > 0

@@ -111,3 +111,28 @@ def test_gradients_reach_every_tower(tiny_model, tiny_pixels):
                  "decoder.cross.0.kv.weight", "visual.pool.query"):
         grad = dict(tiny_model.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_half_with_fp32_blocks_keeps_layernorm_and_head_fp32(tiny_config, tiny_pixels):
+    """What an FP16 bundle computes, in real FP16 arithmetic: LayerNorm and the vocabulary
+    head in FP32, everything else FP16; closer to FP32 than all-FP16 at the logits."""
+    import copy
+
+    from coca_edge.models.coca import LayerNorm, half_with_fp32_blocks
+
+    torch.manual_seed(0)
+    ref = CoCa(tiny_config).eval()
+    mixed = half_with_fp32_blocks(copy.deepcopy(ref)).eval()
+    pure = copy.deepcopy(ref).half().eval()
+    norms = [m for m in mixed.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(isinstance(m, LayerNorm) and m.weight.dtype == torch.float32 for m in norms)
+    assert mixed.decoder.head.dtype == torch.float32 and mixed.visual.proj.dtype == torch.float16
+    ids = torch.tensor([[tiny_config.sot_token_id, 5, 17, 250, 31, 7]] * 3)
+    with torch.no_grad():
+        want = ref(tiny_pixels, ids)["logits"]
+        got_mixed = mixed(tiny_pixels.half(), ids)["logits"]
+        got_pure = pure(tiny_pixels.half(), ids)["logits"]
+    assert got_mixed.dtype == torch.float32 and got_pure.dtype == torch.float16
+    err_mixed = (got_mixed - want).abs().max().item()
+    err_pure = (got_pure.float() - want).abs().max().item()
+    assert 0 < err_mixed < err_pure  # real FP16 rounding, less of it than all-FP16

@@ -191,9 +191,12 @@ def test_validation_compares_logits_on_kept_tokens(tmp_path, tiny_model):
         (d / "config.json").write_text(model.config.to_json())
         paths[name] = d / "model.safetensors"
     report = validate(paths["full"], [paths["pruned"]], samples=16, latency=False, tensor_samples=4,
-                      max_new_tokens=6, progress=False)
+                      max_new_tokens=6, progress=False, out=tmp_path / "report")
     (cand,) = report.results
     assert cand.metrics["decoder.logits.max_abs"] < 1e-4  # not PRUNED_LOGIT against a real logit
     assert cand.metrics["image_encoder.image_embed.max_abs"] == 0
     assert cand.metrics["caption_exact_match"] == 1.0  # (class prompts use tokens outside KEEP: zero-shot differs)
     assert any("both models keep" in n for n in cand.notes)
+    # models of different sizes: the size / fidelity frontier plot, in the HTML and as a file
+    assert (tmp_path / "report" / "frontier.png").stat().st_size > 1000
+    assert 'alt="frontier"' in (tmp_path / "report" / "report.html").read_text()
