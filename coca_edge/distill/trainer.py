@@ -431,22 +431,27 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         teacher = _load_teacher(cfg, d.device)
         if teacher is not None:
             check_teacher(teacher.config, model_cfg, cfg)
-        tokenizer = Tokenizer(context_length=model_cfg.context_length)
-        data = open_train_data(cfg.data, model_cfg)
         global_batch = cfg.batch_size
         if global_batch % (cfg.grad_accum * d.world):
             raise TrainConfigError(f"batch_size {global_batch} must be divisible by grad_accum x world size "
                                    f"({cfg.grad_accum} x {d.world})")
         vocab_ids = None
-        if cfg.loss.caption_vocab == "data" or cfg.vocab == "data":
-            vocab_ids = data_vocabulary(data, tokenizer, model_cfg, cfg.data.max_text_len)
         if cfg.vocab == "data" and cfg.init in ("scratch", "inherit"):
+            # the kept tokens are part of the architecture: scan the captions before building it
+            vocab_ids = data_vocabulary(open_train_data(cfg.data, model_cfg),
+                                        Tokenizer(context_length=model_cfg.context_length), model_cfg,
+                                        cfg.data.max_text_len)
             keep = {*vocab_ids.tolist(), model_cfg.sot_token_id, model_cfg.eot_token_id, model_cfg.pad_token_id}
             model_cfg = model_cfg.replace(vocab_subset=tuple(sorted(keep)))
         model = _init_student(cfg, model_cfg, teacher)
-        if cfg.vocab == "data" and not model.config.vocab_subset:  # a full-vocabulary checkpoint to fine-tune
+        model_cfg = model.config  # a checkpoint brings its own architecture (and preprocessing)
+        tokenizer = Tokenizer(context_length=model_cfg.context_length)
+        data = open_train_data(cfg.data, model_cfg)
+        if vocab_ids is None and (cfg.loss.caption_vocab == "data" or cfg.vocab == "data"):
+            vocab_ids = data_vocabulary(data, tokenizer, model_cfg, cfg.data.max_text_len)
+        if cfg.vocab == "data" and not model_cfg.vocab_subset:  # a full-vocabulary checkpoint to fine-tune
             model = prune_vocabulary(model, vocab_ids.tolist())
-        model_cfg = model.config
+            model_cfg = model.config
         model.to(d.device)
         vocab = VocabSubset.for_model(model_cfg, vocab_ids)
         if not vocab.full:

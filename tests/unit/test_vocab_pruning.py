@@ -119,6 +119,17 @@ def test_train_with_data_vocabulary(tmp_path):
     assert resumed.step == 3
     with pytest.raises(Exception, match="vocab must be"):
         TrainConfig.from_dict({"vocab": "tiny"})
+    # fine-tuning a full-vocabulary checkpoint with vocab: data prunes it to the same tokens
+    full = CoCa(get_preset("test-tiny"))
+    src = tmp_path / "full"
+    src.mkdir()
+    from safetensors.torch import save_file
+
+    save_file(full.state_dict(), str(src / "model.safetensors"))
+    (src / "config.json").write_text(full.config.to_json())
+    tuned = train(cfg.replace(init=str(src / "model.safetensors"), output_dir=str(tmp_path / "tuned"), steps=1),
+                  progress=False)
+    assert load_checkpoint(tuned.final_dir / "model.safetensors").config.vocab_subset == subset
 
 
 def test_pruned_bundle_exports_runs_and_quantizes(pruned, tmp_path):
