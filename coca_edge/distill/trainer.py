@@ -435,18 +435,19 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         if global_batch % (cfg.grad_accum * d.world):
             raise TrainConfigError(f"batch_size {global_batch} must be divisible by grad_accum x world size "
                                    f"({cfg.grad_accum} x {d.world})")
-        vocab_ids = None
+        vocab_ids = data = None
         if cfg.vocab == "data" and cfg.init in ("scratch", "inherit"):
             # the kept tokens are part of the architecture: scan the captions before building it
-            vocab_ids = data_vocabulary(open_train_data(cfg.data, model_cfg),
-                                        Tokenizer(context_length=model_cfg.context_length), model_cfg,
+            # (a student built from model_cfg has model_cfg's preprocessing, so the data is reused)
+            data = open_train_data(cfg.data, model_cfg)
+            vocab_ids = data_vocabulary(data, Tokenizer(context_length=model_cfg.context_length), model_cfg,
                                         cfg.data.max_text_len)
-            keep = {*vocab_ids.tolist(), model_cfg.sot_token_id, model_cfg.eot_token_id, model_cfg.pad_token_id}
-            model_cfg = model_cfg.replace(vocab_subset=tuple(sorted(keep)))
+            model_cfg = model_cfg.with_vocabulary(vocab_ids.tolist())
         model = _init_student(cfg, model_cfg, teacher)
         model_cfg = model.config  # a checkpoint brings its own architecture (and preprocessing)
         tokenizer = Tokenizer(context_length=model_cfg.context_length)
-        data = open_train_data(cfg.data, model_cfg)
+        if data is None:
+            data = open_train_data(cfg.data, model_cfg)
         if vocab_ids is None and (cfg.loss.caption_vocab == "data" or cfg.vocab == "data"):
             vocab_ids = data_vocabulary(data, tokenizer, model_cfg, cfg.data.max_text_len)
         if cfg.vocab == "data" and not model_cfg.vocab_subset:  # a full-vocabulary checkpoint to fine-tune

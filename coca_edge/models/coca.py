@@ -242,10 +242,8 @@ class TextTower(nn.Module):
         self.pad_id = config.pad_token_id
         self.token_embedding = nn.Embedding(config.vocab_rows, tc.width)
         # Pruned vocabulary: token id -> embedding row (an id outside the subset reads the pad row).
-        rows = _subset_index(config, 0)
-        if rows is not None:
-            rows[rows == 0] = config.vocab_subset.index(config.pad_token_id)
-        self.register_buffer("token_rows", rows, persistent=False)
+        pad_row = config.vocab_subset.index(config.pad_token_id) if config.vocab_subset else 0
+        self.register_buffer("token_rows", _subset_index(config, pad_row), persistent=False)
         self.cls_emb = nn.Parameter(torch.empty(tc.width))
         self.pos_embed = nn.Parameter(torch.empty(tc.context_length + 1, tc.width))
         self.blocks = nn.ModuleList(

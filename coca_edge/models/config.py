@@ -209,6 +209,11 @@ class CoCaConfig:
         """Embedding rows / head columns the model holds: the subset's size, or the vocabulary."""
         return len(self.vocab_subset) or self.text.vocab_size
 
+    def with_vocabulary(self, token_ids) -> "CoCaConfig":
+        """This architecture keeping only ``token_ids`` plus the start, end and pad tokens."""
+        keep = {int(i) for i in token_ids} | {self.sot_token_id, self.eot_token_id, self.pad_token_id}
+        return self.replace(vocab_subset=tuple(sorted(keep)))
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         if not self.vocab_subset:  # unpruned configs (and every hash of them) read as before pruning existed

@@ -263,6 +263,4 @@ def prune_vocabulary(model: CoCa, token_ids) -> CoCa:
     text made of kept tokens, and it never predicts another token. A model trained with
     ``caption_vocab: data`` on the same captions has zero head columns outside them, so
     pruning to that vocabulary only removes tokens whose logit was a constant 0."""
-    cfg = model.config
-    keep = sorted({int(i) for i in token_ids} | {cfg.sot_token_id, cfg.eot_token_id, cfg.pad_token_id})
-    return inherit_weights(model, cfg.replace(vocab_subset=tuple(keep)))
+    return inherit_weights(model, model.config.with_vocabulary(token_ids))

@@ -357,10 +357,11 @@ def _table_html(rows: Sequence[Sequence[str]], verdict_col: int | None = None) -
     return "".join(out) + "</table>"
 
 
-def render_html(report, images: Any = None) -> str:
-    """``images(rows) -> uint8 [n, H, W, 3]`` supplies the sample grid (the validator's data)."""
+def render_html(report, images: Any = None, plots: dict[str, str] | None = None) -> str:
+    """``images(rows) -> uint8 [n, H, W, 3]`` supplies the sample grid (the validator's data);
+    ``plots``: :func:`_plots` of the report when the caller already has them."""
     d = report.data
-    plots = _plots(report)
+    plots = _plots(report) if plots is None else plots
     verdict = "PASSED" if report.passed else "FAILED"
     parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>coca-edge validation: {verdict}"
              f"</title><style>{_CSS}</style></head><body>",
@@ -427,22 +428,15 @@ def write_reports(report, out_dir: str | os.PathLike) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     validator = report.validator
     images = validator.data.display_images if validator is not None else None
+    plots = _plots(report)
     texts = {"report.json": to_json(report), "report.md": render_markdown(report),
-             "report.html": render_html(report, images)}
+             "report.html": render_html(report, images, plots)}
     for name, text in texts.items():
         tmp = out_dir / f".{name}.tmp"
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, out_dir / name)
-    fig = frontier_figure(report)
-    if fig is not None:  # also as a file, for docs and the pipeline's summary
+    if "frontier" in plots:  # also as a file, for docs and the pipeline's summary
         tmp = out_dir / ".frontier.png.tmp"
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        _close(fig)
+        tmp.write_bytes(base64.b64decode(plots["frontier"]))
         os.replace(tmp, out_dir / "frontier.png")
     return out_dir
-
-
-def _close(fig) -> None:
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
