@@ -104,6 +104,7 @@ class QuantizeParams:
     gates: str | None = None
     eval: str | None = None
     eval_samples: int = 200
+    max_fallback_nodes: int = 32
     _paths = ("bundle",)
     _main = "bundle"
 
@@ -182,7 +183,8 @@ def _run_quantize(p: QuantizeParams, out: Path, work: Path) -> dict[str, str]:
     try:
         quantize_from_args(bundle=p.bundle, precision=p.precision, preset=p.preset, method=p.method, calib=p.calib,
                            calib_samples=p.calib_samples, gates=p.gates, eval_data=p.eval,
-                           eval_samples=p.eval_samples, out=str(out / "bundle"),
+                           eval_samples=p.eval_samples, max_fallback_nodes=p.max_fallback_nodes,
+                           out=str(out / "bundle"),
                            cache_dir=str(work.parent.parent / "cache"))
     except FallbackFailed as err:
         raise GateFailure(f"no quantization mix passes the gates: {err}") from None

@@ -54,9 +54,13 @@ class DataConfig:
     max_text_len: int = 32
     csv_image_key: str = "filepath"
     csv_caption_key: str = "title"
+    # Rendered synthetic scenes and tokenised captions are kept in memory up to this many MiB
+    # (20k demo scenes at 64 px: ~250 MiB), so later epochs neither render nor tokenise; 0: never.
+    memory_cache_mb: int = 2048
 
     def __post_init__(self) -> None:
         _check(self.train_size > 0, f"data.train_size must be > 0, got {self.train_size}")
+        _check(self.memory_cache_mb >= 0, f"data.memory_cache_mb must be >= 0, got {self.memory_cache_mb}")
         _check(2 <= self.max_text_len <= 77, f"data.max_text_len must be in [2, 77], got {self.max_text_len}")
 
 

@@ -45,21 +45,62 @@ class Batch:
     negatives: HardNegatives | None = None  # only with ``loss.hard_negative > 0``
 
 
+class _Memo:
+    """Per-sample values computed once and kept in memory up to ``budget`` bytes (the first
+    samples asked for are kept; the rest are recomputed every time). Training visits every
+    sample once an epoch, and the demo's 20k synthetic scenes ~10 times: rendering them and
+    tokenising their captions again each time took ~40% of a demo-student step."""
+
+    def __init__(self, budget: int):
+        self.budget, self.used = budget, 0
+        self.values: dict[tuple, object] = {}
+
+    def get(self, kind: tuple, indices: Sequence[int], compute: Callable[[list[int]], list], size) -> list:
+        idx = [int(i) for i in indices]
+        missing = sorted({i for i in idx if (kind, i) not in self.values})
+        fresh = dict(zip(missing, compute(missing))) if missing else {}
+        for i, value in fresh.items():
+            n = size(value)
+            if self.used + n <= self.budget:
+                self.values[(kind, i)] = value
+                self.used += n
+        return [fresh[i] if i in fresh else self.values[(kind, i)] for i in idx]
+
+
 class TrainData:
-    """Random access to ``(uint8 images [N, H, W, 3], captions, sample ids)``."""
+    """Random access to ``(uint8 images [N, H, W, 3], captions, sample ids)``. ``memo_bytes``:
+    keep rendered samples and token rows in memory up to this many bytes (0: never)."""
 
     def __init__(self, name: str, length: int, identity: dict, fetch, captions,
                  negatives: Callable[[Sequence[int]], list[str | None]] | None = None,
-                 scenes: Callable[[Sequence[int]], list] | None = None):
+                 scenes: Callable[[Sequence[int]], list] | None = None, memo_bytes: int = 0,
+                 memo_images: bool = True):
         self.name, self.length, self.identity = name, length, identity
         self._fetch, self._captions = fetch, captions
         self._negatives, self._scenes = negatives, scenes
+        self._memo = _Memo(memo_bytes)
+        self._memo_images = memo_images and memo_bytes > 0  # False where images are in memory already
 
     def __len__(self) -> int:
         return self.length
 
     def fetch(self, indices: Sequence[int]) -> tuple[np.ndarray, list[str], list[str]]:
-        return self._fetch(indices)
+        if not self._memo_images:
+            return self._fetch(indices)
+
+        def compute(missing):
+            images, captions, ids = self._fetch(missing)
+            return [(np.ascontiguousarray(images[j]), captions[j], ids[j]) for j in range(len(missing))]
+
+        rows = self._memo.get(("sample",), indices, compute, lambda v: v[0].nbytes + 64 + 2 * len(v[1]))
+        return np.stack([r[0] for r in rows]), [r[1] for r in rows], [r[2] for r in rows]
+
+    def token_rows(self, kind: tuple, indices: Sequence[int], compute: Callable[[list[int]], np.ndarray]) -> np.ndarray:
+        """``compute(indices) -> [N, L]`` int rows, memoised per sample under ``kind``."""
+        if self._memo.budget <= 0:
+            return compute([int(i) for i in indices])
+        rows = self._memo.get(kind, indices, lambda missing: list(compute(missing)), lambda v: v.nbytes + 64)
+        return np.stack(rows)
 
     def captions(self, indices: Sequence[int]) -> list[str]:
         """Captions only (no image decoding or rendering)."""
@@ -84,6 +125,7 @@ class TrainData:
 
 def open_train_data(cfg: DataConfig, model_config: CoCaConfig) -> TrainData:
     size = model_config.vision.image_size
+    memo = int(cfg.memory_cache_mb * 2**20)
     if cfg.dataset == "synthetic-scenes":
         ds = SyntheticScenes("train", seed=cfg.seed, length=cfg.train_size, image_size=size)
 
@@ -97,11 +139,11 @@ def open_train_data(cfg: DataConfig, model_config: CoCaConfig) -> TrainData:
 
         identity = {"dataset": ds.name, "seed": cfg.seed, "length": len(ds), "scene_config": ds.config.to_dict()}
         return TrainData(ds.name, len(ds), identity, fetch, lambda idx: [ds.caption(int(i)) for i in idx],
-                         negatives, lambda idx: [ds.scene(int(i)) for i in idx])
-    return _csv_data(cfg, size)
+                         negatives, lambda idx: [ds.scene(int(i)) for i in idx], memo_bytes=memo)
+    return _csv_data(cfg, size, memo)
 
 
-def _csv_data(cfg: DataConfig, size: int) -> TrainData:
+def _csv_data(cfg: DataConfig, size: int, memo: int) -> TrainData:
     """User data (open_clip CSV/TSV): decoded once and held in memory at the model's size,
     which suits fine-tuning sets of up to some 100k small images."""
     import hashlib
@@ -132,7 +174,8 @@ def _csv_data(cfg: DataConfig, size: int) -> TrainData:
 
     return TrainData(os.path.basename(cfg.dataset), len(ids), identity, fetch,
                      lambda idx: [captions[int(i)] for i in idx],
-                     lambda idx: [word_swap_negative(captions[int(i)]) for i in idx])
+                     lambda idx: [word_swap_negative(captions[int(i)]) for i in idx], memo_bytes=memo,
+                     memo_images=False)
 
 
 class StepSampler:
@@ -195,12 +238,18 @@ def caption_keys(ids: np.ndarray) -> np.ndarray:
 
 def _hard_negatives(data: TrainData, indices: Sequence[int], positives: np.ndarray, tokenizer: Tokenizer,
                     model_config: CoCaConfig, max_text_len: int) -> HardNegatives:
-    found = data.negatives(indices)
-    ids = tokenize(tokenizer, ["" if n is None else n for n in found], max_text_len, model_config.eot_token_id,
-                   model_config.pad_token_id)
+    def compute(idx):  # token row + a last column: 1 where the sample has a negative
+        found = data.negatives(idx)
+        ids = tokenize(tokenizer, ["" if n is None else n for n in found], max_text_len, model_config.eot_token_id,
+                       model_config.pad_token_id)
+        return np.concatenate([ids, np.asarray([[n is not None] for n in found], dtype=ids.dtype)], axis=1)
+
+    kind = ("negatives", tokenizer.context_length, max_text_len, model_config.eot_token_id, model_config.pad_token_id)
+    rows = data.token_rows(kind, indices, compute)
+    ids, found = rows[:, :-1], rows[:, -1].astype(bool)
     keys, positive_keys = caption_keys(ids), caption_keys(positives)
     # compared as tokens, so a negative that differs only past max_text_len is dropped too
-    valid = np.asarray([n is not None for n in found]) & ~np.isin(keys, positive_keys)
+    valid = found & ~np.isin(keys, positive_keys)
     return HardNegatives(trim(torch.from_numpy(ids), model_config.pad_token_id), torch.from_numpy(valid),
                          torch.from_numpy(keys), torch.from_numpy(positive_keys))
 
@@ -212,6 +261,9 @@ def make_batch(data: TrainData, indices: Sequence[int], tokenizer: Tokenizer, mo
     pre = PreprocessConfig(image_size=model_config.vision.image_size, mean=model_config.image_mean,
                            std=model_config.image_std)
     pixels = torch.from_numpy(normalize(images, pre))
-    tokens = tokenize(tokenizer, captions, max_text_len, model_config.eot_token_id, model_config.pad_token_id)
+    by_index = dict(zip((int(i) for i in indices), captions))
+    kind = ("tokens", tokenizer.context_length, max_text_len, model_config.eot_token_id, model_config.pad_token_id)
+    tokens = data.token_rows(kind, indices, lambda idx: tokenize(
+        tokenizer, [by_index[i] for i in idx], max_text_len, model_config.eot_token_id, model_config.pad_token_id))
     hard = _hard_negatives(data, indices, tokens, tokenizer, model_config, max_text_len) if negatives else None
     return Batch(ids, pixels, trim(torch.from_numpy(tokens), model_config.pad_token_id), hard)

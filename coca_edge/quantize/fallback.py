@@ -29,7 +29,16 @@ __all__ = ["FallbackFailed", "FallbackStep", "quantize_with_fallback"]
 
 
 class FallbackFailed(RuntimeError):
-    """No mix of precisions within the fallback budget passes the gates (nothing written)."""
+    """No mix of precisions within the fallback budget passes the gates (nothing written).
+    ``steps``: every mix tried, with what it measured (also listed in the message)."""
+
+    def __init__(self, message: str, steps: list["FallbackStep"] | None = None):
+        self.steps = list(steps or [])
+        if self.steps:
+            message += "\nmixes tried:\n" + "\n".join(f"  {s.summary}" + (f"; fails {'; '.join(s.failed_gates)}"
+                                                                          if s.failed_gates else "")
+                                                         for s in self.steps)
+        super().__init__(message)
 
 
 @dataclass
@@ -164,12 +173,12 @@ def quantize_with_fallback(bundle_dir: str | os.PathLike, config: AutoFallbackCo
             ranked = (head + [r for r in ranked if r not in head])[:config.max_nodes]
             if not ranked:
                 raise FallbackFailed(f"gates {config.gates} fail ({'; '.join(first.failed_gates)}) and localisation "
-                                     "found no quantized node to return to FP32; nothing written")
+                                     "found no quantized node to return to FP32; nothing written", steps)
             path, chosen = _search(attempt, ranked)
             if path is None:
                 raise FallbackFailed(
                     f"no mix passes gates {config.gates}: with the {len(ranked)} most sensitive quantized node(s) "
-                    f"in FP32 it still fails ({'; '.join(steps[-1].failed_gates)}); nothing written")
+                    f"in FP32 it still fails ({'; '.join(steps[-1].failed_gates)}); nothing written", steps)
         final = quantize(bundle.root, _with_fallback(plan, chosen), out_dir, calib, calib_samples=calib_samples,
                          overwrite=overwrite, progress=False, cache_dir=cache_dir,
                          extra_manifest={"fallback": {

@@ -166,7 +166,10 @@ def _plots(report) -> dict[str, str]:
 
     plots: dict[str, str] = {}
     results = report.results
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    # Embedding cosines exist only for same-architecture candidates (not --different-architecture).
+    has_cosines = any(r.cosines.get(k) is not None and r.cosines[k].size
+                      for r in results for k in ("image_embed", "text_embed"))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2)) if has_cosines else (None, ())
     for ax, key in zip(axes, ("image_embed", "text_embed")):
         found = [r.cosines[key] for r in results if r.cosines.get(key) is not None and r.cosines[key].size]
         # a fixed range: identical models put every sample at 1.0 (+- rounding), which numpy cannot bin
@@ -182,7 +185,8 @@ def _plots(report) -> dict[str, str]:
         ax.ticklabel_format(axis="x", useOffset=False)
         ax.xaxis.set_major_locator(MaxNLocator(4))
         ax.legend(fontsize=7)
-    plots["cosine"] = _png(fig)
+    if has_cosines:
+        plots["cosine"] = _png(fig)
 
     keys = [k for k in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10")
             if k in report.reference.metrics]

@@ -74,3 +74,33 @@ def test_generated_cache_equals_live_generation(tmp_path, tiny_config, tiny_mode
     assert torch.equal(rows["gen_topk_ids"].long()[mask], ids[mask])
     # batch composition only: observed ~1e-6
     torch.testing.assert_close(rows["gen_topk_log_probs"][mask], lps[mask], atol=1e-4, rtol=0)
+
+
+def _same_batch(a, b):
+    assert a.ids == b.ids
+    assert torch.equal(a.pixels, b.pixels) and torch.equal(a.text, b.text)
+    if a.negatives is not None:
+        for field in ("text", "valid", "keys", "positive_keys"):
+            assert torch.equal(getattr(a.negatives, field), getattr(b.negatives, field)), field
+
+
+@pytest.mark.parametrize("keep_all", [True, False])  # False: room for ~3 samples only
+def test_memoised_batches_equal_fresh_ones(tiny_config, keep_all):
+    tok = Tokenizer()
+    plain = open_train_data(DataConfig(train_size=12, max_text_len=MAX_LEN, memory_cache_mb=0), tiny_config)
+    memo = open_train_data(DataConfig(train_size=12, max_text_len=MAX_LEN, memory_cache_mb=1), tiny_config)
+    if not keep_all:
+        memo._memo.budget = 3 * plain.fetch([0])[0][0].nbytes + 500
+    for indices in ([7, 2, 11, 2], [2, 7, 3], range(12), [11, 0]):  # repeats, order, new samples
+        fresh = make_batch(plain, indices, tok, tiny_config, MAX_LEN, negatives=True)
+        again = make_batch(memo, indices, tok, tiny_config, MAX_LEN, negatives=True)
+        _same_batch(fresh, again)
+    assert 0 < memo._memo.used <= memo._memo.budget
+    kept = {i for kind, i in memo._memo.values if kind == ("sample",)}
+    assert len(kept) == 12 if keep_all else 0 < len(kept) < 4
+    assert plain._memo.used == 0 and not plain._memo.values
+
+
+def test_memory_cache_mb_is_checked():
+    with pytest.raises(ValueError, match="memory_cache_mb"):
+        DataConfig(memory_cache_mb=-1)
