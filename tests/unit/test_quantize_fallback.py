@@ -56,9 +56,12 @@ def test_no_mix_passes_writes_nothing(tiny_bundle, tmp_path, capsys):
     src, _ = tiny_bundle
     # Cosine cannot exceed 1: no mix passes.
     gates = _gates(tmp_path / "impossible.yaml", 1.5)
-    with pytest.raises(FallbackFailed, match="no mix passes"):
+    with pytest.raises(FallbackFailed, match="no mix passes") as failed:
         quantize(src, AutoFallbackConfig(PLAN, gates=gates, eval_samples=4, max_nodes=1), tmp_path / "out",
                  CALIB, progress=False, cache_dir=tmp_path / "cache")
+    # every mix tried is reported, with the gate it failed
+    assert [len(s.excluded) for s in failed.value.steps] == [0, 1]
+    assert "mixes tried:" in str(failed.value) and str(failed.value).count("violates") >= 2
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     code = main(["quantize", str(src), "--precision", "int8", "--preset", "cpu", "--gates", gates,
