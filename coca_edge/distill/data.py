@@ -236,6 +236,11 @@ def caption_keys(ids: np.ndarray) -> np.ndarray:
                        for row in np.ascontiguousarray(ids)], dtype=np.int64)
 
 
+def _token_kind(name: str, tokenizer: Tokenizer, model_config: CoCaConfig, max_text_len: int) -> tuple:
+    """Memo key of token rows: what tokenising depends on."""
+    return name, tokenizer.context_length, max_text_len, model_config.eot_token_id, model_config.pad_token_id
+
+
 def _hard_negatives(data: TrainData, indices: Sequence[int], positives: np.ndarray, tokenizer: Tokenizer,
                     model_config: CoCaConfig, max_text_len: int) -> HardNegatives:
     def compute(idx):  # token row + a last column: 1 where the sample has a negative
@@ -244,8 +249,7 @@ def _hard_negatives(data: TrainData, indices: Sequence[int], positives: np.ndarr
                        model_config.pad_token_id)
         return np.concatenate([ids, np.asarray([[n is not None] for n in found], dtype=ids.dtype)], axis=1)
 
-    kind = ("negatives", tokenizer.context_length, max_text_len, model_config.eot_token_id, model_config.pad_token_id)
-    rows = data.token_rows(kind, indices, compute)
+    rows = data.token_rows(_token_kind("negatives", tokenizer, model_config, max_text_len), indices, compute)
     ids, found = rows[:, :-1], rows[:, -1].astype(bool)
     keys, positive_keys = caption_keys(ids), caption_keys(positives)
     # compared as tokens, so a negative that differs only past max_text_len is dropped too
@@ -262,8 +266,7 @@ def make_batch(data: TrainData, indices: Sequence[int], tokenizer: Tokenizer, mo
                            std=model_config.image_std)
     pixels = torch.from_numpy(normalize(images, pre))
     by_index = dict(zip((int(i) for i in indices), captions))
-    kind = ("tokens", tokenizer.context_length, max_text_len, model_config.eot_token_id, model_config.pad_token_id)
-    tokens = data.token_rows(kind, indices, lambda idx: tokenize(
+    tokens = data.token_rows(_token_kind("tokens", tokenizer, model_config, max_text_len), indices, lambda idx: tokenize(
         tokenizer, [by_index[i] for i in idx], max_text_len, model_config.eot_token_id, model_config.pad_token_id))
     hard = _hard_negatives(data, indices, tokens, tokenizer, model_config, max_text_len) if negatives else None
     return Batch(ids, pixels, trim(torch.from_numpy(tokens), model_config.pad_token_id), hard)
