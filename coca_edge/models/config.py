@@ -56,8 +56,21 @@ class VisionConfig:
     mlp_ratio: float = 4.0
     attn_pooler_queries: int = 256
     attn_pooler_heads: int = 8
+    # Channels of a small convolutional branch added to the patch embedding (0: none; a
+    # multiple of 4). Two 3x3 stride-2 convolutions with GELU (conv_stem / 4, then conv_stem
+    # channels), then a patch_size/4 convolution whose output is
+    # added to the linear patch embedding; that last convolution starts at zero, so a model
+    # with the branch computes exactly what it computes without it until training moves it.
+    conv_stem: int = 0
 
     def __post_init__(self) -> None:
+        if (not isinstance(self.conv_stem, int) or isinstance(self.conv_stem, bool) or self.conv_stem < 0
+                or self.conv_stem % 4):
+            raise ConfigError(f"vision.conv_stem must be 0 (no convolutional stem) or a positive multiple of 4 "
+                              f"(channels; the first convolution has a quarter of them), got {self.conv_stem!r}")
+        if self.conv_stem and self.patch_size % 4:
+            raise ConfigError(f"vision.conv_stem needs vision.patch_size divisible by 4 (two stride-2 "
+                              f"convolutions come first), got patch_size {self.patch_size}")
         _positive("vision", image_size=self.image_size, patch_size=self.patch_size, width=self.width,
                   layers=self.layers, head_width=self.head_width,
                   attn_pooler_queries=self.attn_pooler_queries,
@@ -218,6 +231,8 @@ class CoCaConfig:
         out = dataclasses.asdict(self)
         if not self.vocab_subset:  # unpruned configs (and every hash of them) read as before pruning existed
             del out["vocab_subset"]
+        if not self.vision.conv_stem:  # likewise for models without the convolutional stem
+            del out["vision"]["conv_stem"]
         else:
             out["vocab_subset"] = list(self.vocab_subset)
         return out

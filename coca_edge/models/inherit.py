@@ -56,6 +56,8 @@ def _check(teacher: CoCaConfig, student: CoCaConfig) -> None:
     tv, sv = teacher.vision, student.vision
     eq("vision.patch_size", sv.patch_size, tv.patch_size)
     eq("vision.image_size", sv.image_size, tv.image_size)
+    if tv.conv_stem and sv.conv_stem:
+        eq("vision.conv_stem", sv.conv_stem, tv.conv_stem)
     le("vision.width", sv.width, tv.width)
     le("vision.layers", sv.layers, tv.layers)
     le("vision.heads", sv.heads, tv.heads)
@@ -182,7 +184,9 @@ class _Plan:
         rv, re = self.rv, self.re
         tc, sc = self.tc, self.sc
         fixed = {
-            "visual.patch_embed.weight": [rv], "visual.cls_token": [rv], "visual.pos_embed": [None, rv],
+            "visual.patch_embed.weight": [rv],
+            "visual.stem.conv1.weight": [], "visual.stem.conv1.bias": [],
+            "visual.stem.conv2.weight": [], "visual.stem.conv2.bias": [], "visual.stem.out.weight": [rv], "visual.cls_token": [rv], "visual.pos_embed": [None, rv],
             "visual.ln_pre.weight": [rv], "visual.ln_pre.bias": [rv],
             "visual.pool.query": [self.queries, re],
             "visual.pool.ln_q.weight": [re], "visual.pool.ln_q.bias": [re],
@@ -250,6 +254,11 @@ def inherit_weights(teacher: CoCa, student_config: CoCaConfig) -> CoCa:
     student = CoCa(student_config)
     new_state = {}
     for name, param in student.state_dict().items():
+        if name.startswith("visual.stem.") and name not in state:
+            # A convolutional stem the teacher lacks keeps its fresh initialisation, whose zero
+            # output convolution leaves the inherited patch embedding's function unchanged.
+            new_state[name] = param
+            continue
         value = plan.take(name)
         if value.shape != param.shape:
             raise InheritError(f"internal: {name} sliced to {tuple(value.shape)}, expected {tuple(param.shape)}")

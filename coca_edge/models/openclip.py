@@ -327,6 +327,9 @@ def config_to_open_clip(config: CoCaConfig) -> dict[str, Any]:
         raise CheckpointError(f"{config.name}: a vocabulary-pruned model ({len(config.vocab_subset)} tokens) has no "
                               "open_clip form (open_clip models hold the whole vocabulary); save it in coca-edge's "
                               "format (model.safetensors + config.json) instead")
+    if config.vision.conv_stem:
+        raise CheckpointError(f"{config.name}: a model with a convolutional stem (vision.conv_stem) has no open_clip "
+                              "form; save it in coca-edge's format (model.safetensors + config.json) instead")
     vc, tc, dc = config.vision, config.text, config.decoder
     return {
         "model_cfg": {

@@ -190,14 +190,13 @@ def test_demo_recipe_end_to_end_shrunk(tmp_path, capsys):
     # 6 steps make a student that fails the INT8 gates or passes them; both are a complete run
     assert code in (0, 1), out
     run = tmp_path / "demo"
-    for name in ("student", "teacher_fp32", "student_fp32", "student_fp16", "student_int8", "vs_teacher",
-                 "vs_student"):
+    for name in ("student", "student_fp32", "student_fp16", "student_int8", "vs_teacher", "vs_student"):
         assert _stage(run, name)["status"] in ("done", "gates_failed"), name
     manifest = json.loads((run / "student_int8" / "out" / "bundle" / "manifest.json").read_text())
     assert {g["precision"] for g in manifest["graphs"].values()} <= {"int8-dynamic", "int8-static"}
     report = json.loads((run / "vs_teacher" / "out" / "report.json").read_text())
-    assert len(report["candidates"]) == 4
-    assert "teacher FP32" in out and "student INT8" in out  # the summary table
+    assert len(report["candidates"]) == 3
+    assert "demo_teacher" in out and "student INT8" in out  # the summary table, teacher as its reference row
     assert f"ready to deploy: {run / 'student_int8' / 'out' / 'bundle'}" in out
     assert (run / "vs_teacher" / "out" / "report.html").is_file()
 
