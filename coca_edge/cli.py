@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from typing import Sequence
 
@@ -116,6 +117,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_progress_when_logged() -> None:
+    """Progress bars redraw up to 10 times a second; into a log file (stderr not a terminal)
+    each redraw is kept, and a demo run wrote megabytes of them. There, redraw every 30 s
+    instead. A ``TQDM_MININTERVAL`` the user set wins (tqdm reads it itself), and so does a
+    bar's own ``mininterval``."""
+    if sys.stderr.isatty() or "TQDM_MININTERVAL" in os.environ:
+        return
+    import functools
+
+    import tqdm
+
+    if not isinstance(vars(tqdm.tqdm)["__init__"], functools.partialmethod):     # once
+        tqdm.tqdm.__init__ = functools.partialmethod(tqdm.tqdm.__init__, mininterval=30.0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -124,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(parser.get_default("unavailable")[command], file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
+    _quiet_progress_when_logged()
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -35,3 +35,27 @@ def test_every_command_help_has_an_example():
     sub = next(a for a in parser._actions if a.dest == "command")
     missing = [name for name, p in sub.choices.items() if "example" not in p.format_help().lower()]
     assert len(sub.choices) >= 11 and not missing, missing
+
+
+def test_progress_bars_redraw_rarely_into_a_log(monkeypatch):
+    import io
+
+    import tqdm
+    from tqdm.auto import tqdm as auto_tqdm
+
+    from coca_edge import cli
+
+    import functools
+
+    init = vars(tqdm.tqdm)["__init__"]                    # unpatched (an earlier main() may have)
+    monkeypatch.setattr(tqdm.tqdm, "__init__", init.func if isinstance(init, functools.partialmethod) else init)
+    monkeypatch.setenv("TQDM_MININTERVAL", "2")           # a value the user set: left alone
+    cli._quiet_progress_when_logged()
+    assert tqdm.tqdm(total=1, file=io.StringIO()).mininterval != 30.0
+    monkeypatch.delenv("TQDM_MININTERVAL")
+    monkeypatch.setattr(sys, "stderr", io.StringIO())     # not a terminal, like a log file
+    cli._quiet_progress_when_logged()
+    cli._quiet_progress_when_logged()                     # idempotent
+    assert tqdm.tqdm(total=1, file=io.StringIO()).mininterval == 30.0
+    assert auto_tqdm(total=1, file=io.StringIO()).mininterval == 30.0
+    assert tqdm.tqdm(total=1, file=io.StringIO(), mininterval=1).mininterval == 1
