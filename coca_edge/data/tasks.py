@@ -202,15 +202,30 @@ class RetrievalTask:
         for i, texts in enumerate(self.image_to_texts):
             positive[i, list(texts)] = True
         out: dict[str, Any] = {"task": self.name, "n_images": n_images, "n_texts": n_texts}
+        i2t_hits, t2i_hits = self._ranked_hits(sim, positive)
+        for k in ks:
+            out[f"i2t_R@{k}"] = float(i2t_hits[:, :k].any(axis=1).mean())
+            out[f"t2i_R@{k}"] = float(t2i_hits[:, :k].any(axis=1).mean())
+        return out
+
+    def hits_at_1(self, image_embeds: np.ndarray, text_embeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-query R@1 outcomes: (one bool per image, one per text that describes an image),
+        in the order ``score`` averages them; paired between two models they give the noise
+        of an R@1 difference."""
+        sim = _unit(image_embeds) @ _unit(text_embeds).T
+        positive = np.zeros(sim.shape, dtype=bool)
+        for i, texts in enumerate(self.image_to_texts):
+            positive[i, list(texts)] = True
+        i2t_hits, t2i_hits = self._ranked_hits(sim, positive)
+        return i2t_hits[:, 0].copy(), t2i_hits[:, 0].copy()
+
+    @staticmethod
+    def _ranked_hits(sim: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         i2t_order = np.argsort(-sim, axis=1, kind="stable")
         t2i_order = np.argsort(-sim.T, axis=1, kind="stable")
         i2t_hits = np.take_along_axis(positive, i2t_order, axis=1)
         t2i_hits = np.take_along_axis(positive.T, t2i_order, axis=1)
-        has_image = t2i_hits.any(axis=1)
-        for k in ks:
-            out[f"i2t_R@{k}"] = float(i2t_hits[:, :k].any(axis=1).mean())
-            out[f"t2i_R@{k}"] = float(t2i_hits[has_image, :k].any(axis=1).mean())
-        return out
+        return i2t_hits, t2i_hits[t2i_hits.any(axis=1)]
 
 
 @dataclass(eq=False)

@@ -139,7 +139,8 @@ def quantize_with_fallback(bundle_dir: str | os.PathLike, config: AutoFallbackCo
         raise QuantizeError(str(err)) from None
     plan = resolve_plan(config.base, list(bundle.manifest["graphs"]))
     try:
-        validator = Validator(bundle.root, config.eval_data, config.eval_samples, progress=progress)
+        validator = Validator(bundle.root, config.eval_data, config.eval_samples, progress=progress,
+                              corpus_metrics=any(g.name in ("bleu4", "cider") for g in gates.gates))
     except ValueError as err:  # validation's typed input errors (unknown dataset, empty split, ...)
         raise QuantizeError(f"evaluation data {config.eval_data}: {err}") from None
     out_dir.parent.mkdir(parents=True, exist_ok=True)

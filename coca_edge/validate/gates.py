@@ -8,6 +8,15 @@ A gates file is a mapping ``gates: {metric: "<op> <number>"}``, e.g.::
 
 Metric names are checked when the file is read (a typo is an error, not a gate that never
 fires), and a gate whose metric is missing or NaN fails: nothing passes silently.
+
+Optional ``confidence: 0.95`` makes gates on sampled metrics noise-aware. The validator
+reports a standard error beside each of them (``zero_shot_top1_drop_se``,
+``retrieval_R@1_drop_se``, ``caption_exact_match_se``, ``decoder.logits.top1_agreement_se``);
+with ``confidence`` such a gate fails only when the measurement is beyond its threshold by
+more than ``z x se`` (``z`` = 1.64 at 0.95, one-sided), i.e. when the data show the
+violation at that confidence. A broken layer costs tens of points and still fails; a
+tolerance below the noise of the sample size stops failing at random. Without the key every
+gate compares the point estimate, and a gate whose metric has no standard error always does.
 """
 from __future__ import annotations
 
@@ -32,12 +41,14 @@ METRICS = (
     "bleu4", "cider", "caption_exact_match", "caption_token_agreement", "first_divergence_mean",
     "hallucination_rate", "hallucination_rate_increase", "embed_cosine_min",
     "decoder.logits.top1_agreement", "latency_b1_ms", "latency_b8_ms", "bytes", "params",
+    "zero_shot_top1_drop_se", "retrieval_R@1_drop_se", "caption_exact_match_se",
+    "decoder.logits.top1_agreement_se",
 )
 _TENSOR_METRIC = re.compile(r"^(image_encoder|text_encoder|cross_kv|decoder)\.[A-Za-z0-9_]+\."
                             r"(cosine_min|cosine_mean|sqnr_db|max_abs|mean_abs|p99_abs)$")
 _OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt, "==": operator.eq}
 _EXPR = re.compile(r"^\s*(<=|>=|==|<|>)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
-_TOP_KEYS = {"gates", "description"}
+_TOP_KEYS = {"gates", "description", "confidence"}
 
 
 class GateError(ValueError):
@@ -74,10 +85,11 @@ class GateResult:
     measured: float | None
     passed: bool
     reason: str
+    margin: float = 0.0          # z x standard error allowed for sample noise (0: point estimate)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "op": self.op, "allowed": self.allowed, "measured": self.measured,
-                "passed": self.passed, "reason": self.reason}
+                "passed": self.passed, "reason": self.reason, "margin": self.margin}
 
 
 @dataclass(frozen=True)
@@ -85,6 +97,7 @@ class Gates:
     gates: tuple[Gate, ...]
     source: str = "<dict>"
     description: str = ""
+    confidence: float | None = None
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<dict>") -> "Gates":
@@ -106,7 +119,14 @@ class Gates:
                 gates.append(Gate(str(name), match.group(1), float(match.group(2))))
             except GateError as err:
                 raise GateError(f"{source}: gates.{name}: {err}") from None
-        return cls(tuple(gates), source, str(data.get("description", "")))
+        confidence = data.get("confidence")
+        if confidence is not None:
+            if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) \
+                    or not 0.5 <= float(confidence) < 1.0:
+                raise GateError(f"{source}: confidence: expected a number in [0.5, 1) (e.g. 0.95), "
+                                f"got {confidence!r}")
+            confidence = float(confidence)
+        return cls(tuple(gates), source, str(data.get("description", "")), confidence)
 
     def evaluate(self, metrics: Mapping[str, float | None]) -> list[GateResult]:
         results = []
@@ -117,11 +137,32 @@ class Gates:
                 results.append(GateResult(gate.name, gate.op, gate.allowed, None, False,
                                           f"not evaluated: {why} (no data for this task or it was skipped)"))
                 continue
-            passed = bool(_OPS[gate.op](float(value), gate.allowed))
-            reason = (f"{gate.name} = {float(value):.6g} {'satisfies' if passed else 'violates'} "
-                      f"{gate.op} {gate.allowed:g}")
-            results.append(GateResult(gate.name, gate.op, gate.allowed, float(value), passed, reason))
+            value = float(value)
+            passed = bool(_OPS[gate.op](value, gate.allowed))
+            reason = f"{gate.name} = {value:.6g} {'satisfies' if passed else 'violates'} {gate.op} {gate.allowed:g}"
+            margin = self._margin(gate, metrics)
+            if not passed and margin > 0 and gate.op != "==":
+                # the threshold is within the measurement's noise: not shown to be violated
+                shifted = value - margin if gate.op in ("<=", "<") else value + margin
+                if _OPS[gate.op](shifted, gate.allowed):
+                    passed = True
+                    reason = (f"{gate.name} = {value:.6g} is past {gate.op} {gate.allowed:g} by less than its "
+                              f"noise ({margin:.3g} = z x standard error at confidence {self.confidence:g})")
+                else:
+                    reason += f" by more than its noise ({margin:.3g} at confidence {self.confidence:g})"
+            results.append(GateResult(gate.name, gate.op, gate.allowed, value, passed, reason, margin))
         return results
+
+
+    def _margin(self, gate: Gate, metrics: Mapping[str, float | None]) -> float:
+        if self.confidence is None:
+            return 0.0
+        se = metrics.get(f"{gate.name}_se")
+        if se is None or not math.isfinite(float(se)) or float(se) <= 0:
+            return 0.0
+        from statistics import NormalDist
+
+        return NormalDist().inv_cdf(self.confidence) * float(se)
 
 
 def shipped_gates() -> list[str]:

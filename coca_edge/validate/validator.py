@@ -17,7 +17,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -32,7 +32,7 @@ from .models import ModelUnderTest, check_compatible, open_model, same_architect
 __all__ = ["Validator", "CandidateResult", "ValidationReport", "validate", "score_tasks", "ModelOutputs"]
 
 _LATENCY_RUNS = {1: 5, 8: 3}  # medians of this many timed runs after one warm-up
-_DECODER_BATCH = 8
+_DECODER_BATCH = 8  # teacher-forced tensor comparison (16 samples by default)
 _LOCALIZE_FEEDS = 3
 
 
@@ -105,7 +105,8 @@ class ValidationReport:
         return {
             "passed": self.passed, "seconds": self.seconds, "data": self.data, "notes": self.notes,
             "gates": None if self.gates is None else {"source": self.gates.source, "description": self.gates.description,
-                                                      "gates": [str(g) for g in self.gates.gates]},
+                                                      "gates": [str(g) for g in self.gates.gates],
+                                                      "confidence": self.gates.confidence},
             "reference": self.reference.to_dict(),
             "candidates": [r.to_dict() for r in self.results],
         }
@@ -122,7 +123,7 @@ class Validator:
     def __init__(self, reference: str | os.PathLike | ModelUnderTest, data: str | EvalData = "synthetic-scenes:val",
                  samples: int = 500, batch_size: int = 32, max_new_tokens: int = 20, tensor_samples: int = 16,
                  progress: bool = True, providers: Sequence[str] | None = None, threads: int | None = None,
-                 seed: int = 0, different_architecture: bool = False):
+                 seed: int = 0, different_architecture: bool = False, corpus_metrics: bool = True):
         if batch_size < 1 or max_new_tokens < 1 or tensor_samples < 1:
             raise ValueError(f"batch_size, max_new_tokens and tensor_samples must be >= 1, got {batch_size}, "
                              f"{max_new_tokens}, {tensor_samples}")
@@ -134,6 +135,9 @@ class Validator:
         self.data = data if isinstance(data, EvalData) else load_eval_data(
             str(data), samples, self.reference.edge.preprocess_config, seed)
         self.batch_size, self.max_new_tokens, self.progress = batch_size, max_new_tokens, progress
+        # BLEU-4 / CIDEr-D against the data's captions; a fallback search whose gates do not
+        # use them skips them (~0.5 s per evaluation of 1000 demo scenes).
+        self.corpus_metrics = corpus_metrics
         self.generation = GenerationConfig(strategy="greedy", max_new_tokens=max_new_tokens)
         self.layout = self.reference.edge.layout
         self.texts = self.data.texts
@@ -144,7 +148,7 @@ class Validator:
         self.tensor_rows = (self.caption_rows if len(self.caption_rows) else np.arange(len(self.data.pixels)))[
             :tensor_samples]
         self._ref = self._run(self.reference)
-        self._ref_scores = score_tasks(self.data, self.texts, self._ref)
+        self._ref_scores = score_tasks(self.data, self.texts, self._ref, self.corpus_metrics)
         self._ref_tensor = self._reference_tensors()
 
     # -- running a model -----------------------------------------------------------------
@@ -162,9 +166,10 @@ class Validator:
                                          math.ceil(len(self.text_ids) / 64))]
         sequences: list[list[int]] = []
         rows = self.caption_rows
-        for i in self._bar(range(0, len(rows), _DECODER_BATCH), f"{name}: captions",
-                           math.ceil(len(rows) / _DECODER_BATCH)):
-            cross = model.edge.cross_kv(px[rows[i:i + _DECODER_BATCH]])
+        # Captions in batches of batch_size too: batch 8 took twice the wall time of 32 on the
+        # demo (dynamic INT8 scales activations per batch, so its captions depend on it a little).
+        for i in self._bar(range(0, len(rows), bs), f"{name}: captions", math.ceil(len(rows) / bs)):
+            cross = model.edge.cross_kv(px[rows[i:i + bs]])
             sequences += generate(model.runners["decoder"], cross, model.edge.layout, self.generation).sequences
         embed_dim = int(model.model_config["embed_dim"])
         return ModelOutputs(np.concatenate(image_embed) if image_embed else np.zeros((0, embed_dim), np.float32),
@@ -277,6 +282,8 @@ class Validator:
         tensor = {g: {o: s.result() for o, s in outs.items()} for g, outs in stats.items()}
         flat = {f"{g}.{o}.{k}": v for g, outs in tensor.items() for o, vals in outs.items() for k, v in vals.items()}
         flat["decoder.logits.top1_agreement"] = agree / total if total else math.nan
+        # Positions of one caption are not independent, so this standard error is a lower bound.
+        flat["decoder.logits.top1_agreement_se"] = _proportion_se(agree / total, total) if total else math.nan
         return tensor, flat, notes
 
     # -- task level ----------------------------------------------------------------------
@@ -313,12 +320,13 @@ class Validator:
         check_compatible(self.reference, model, self.different_architecture)
         comparable = same_architecture(self.reference, model)
         out = self._run(model)
-        scores = score_tasks(self.data, self.texts, out)
+        scores = score_tasks(self.data, self.texts, out, self.corpus_metrics)
         metrics = dict(scores["metrics"])
         ref_metrics = self._ref_scores["metrics"]
         for name, drop in (("zero_shot_top1", "zero_shot_top1_drop"), ("retrieval_R@1", "retrieval_R@1_drop")):
             if name in metrics and name in ref_metrics:
                 metrics[drop] = (ref_metrics[name] - metrics[name]) * 100
+        metrics.update(_drop_standard_errors(self._ref_scores["hits"], scores["hits"]))
         if "hallucination_rate" in metrics and "hallucination_rate" in ref_metrics:
             metrics["hallucination_rate_increase"] = (metrics["hallucination_rate"]
                                                       - ref_metrics["hallucination_rate"]) * 100
@@ -337,6 +345,7 @@ class Validator:
         if out.sequences:
             agreement = caption_agreement(self._ref.sequences, out.sequences)
             metrics["caption_exact_match"] = agreement["exact_match"]
+            metrics["caption_exact_match_se"] = _proportion_se(agreement["exact_match"], len(out.sequences))
             metrics["caption_token_agreement"] = agreement["token_agreement"]
             metrics["first_divergence_mean"] = float(np.mean(agreement["first_divergence"]))
             captions = self._caption_rows(out, agreement)
@@ -398,13 +407,15 @@ class Validator:
         return [feed for feed, _ in self._ref_tensor[graph][:limit]]
 
 
-def score_tasks(data: EvalData, texts: Sequence[str], out: ModelOutputs) -> dict[str, Any]:
-    """Absolute task metrics of one model's outputs: ``{"metrics", "tasks", "preds"}`` (``preds``: per
-    zero-shot task the predicted class per image, for agreement with the reference)."""
+def score_tasks(data: EvalData, texts: Sequence[str], out: ModelOutputs, corpus_metrics: bool = True) -> dict[str, Any]:
+    """Absolute task metrics of one model's outputs: ``{"metrics", "tasks", "preds", "hits"}``
+    (``preds``: per zero-shot task the predicted class per image, for agreement with the
+    reference; ``hits``: per-sample outcomes (``zs_<task>``, ``i2t_R@1``, ``t2i_R@1``) that give
+    the drops' standard errors). Without ``corpus_metrics`` BLEU-4 and CIDEr-D are skipped."""
     from ..data import score_captions
     from ..data.metrics import bleu4, cider_d
 
-    metrics, tasks, preds = {}, {}, {}
+    metrics, tasks, preds, hits = {}, {}, {}, {}
     text_row = {t: i for i, t in enumerate(texts)}
 
     def texts_embed(chosen: list[str]) -> np.ndarray:
@@ -418,6 +429,7 @@ def score_tasks(data: EvalData, texts: Sequence[str], out: ModelOutputs) -> dict
         logits = _unit(images) @ _unit(classes).T
         scored["top5"] = topk_accuracy(logits, bound.task.labels, 5)
         preds[name] = logits.argmax(axis=1)
+        hits[f"zs_{name}"] = preds[name] == np.asarray(bound.task.labels)
         tasks[name] = scored
         metrics[f"zs_{name}"] = scored["accuracy"]
         top1.append(scored["accuracy"])
@@ -435,18 +447,49 @@ def score_tasks(data: EvalData, texts: Sequence[str], out: ModelOutputs) -> dict
         tasks["retrieval"] = scored
         metrics.update({k: scored[k] for k in scored if "R@" in k})
         metrics["retrieval_R@1"] = (scored["i2t_R@1"] + scored["t2i_R@1"]) / 2
+        hits["i2t_R@1"], hits["t2i_R@1"] = bound.task.hits_at_1(out.image_embed[bound.rows],
+                                                                texts_embed(list(bound.task.texts)))
     if data.captioning is not None and out.captions:
         task = data.captioning.task
         refs = [list(r) for r in task.references]
         caps: dict[str, Any] = {"n": len(out.captions)}
-        if all(refs):
+        if corpus_metrics and all(refs):
             caps["bleu4"] = metrics["bleu4"] = bleu4(out.captions, refs)
             caps["cider"] = metrics["cider"] = cider_d(out.captions, refs)
         if task.scenes is not None:
             caps.update(score_captions(out.captions, list(task.scenes), refs))
             metrics["hallucination_rate"] = caps["hallucination_rate"]
         tasks["captioning"] = caps
-    return {"metrics": metrics, "tasks": tasks, "preds": preds}
+    return {"metrics": metrics, "tasks": tasks, "preds": preds, "hits": hits}
+
+
+def _paired_drop_se(ref: Sequence[np.ndarray], cand: Sequence[np.ndarray]) -> float:
+    """Standard error, in points, of ``mean over parts of (ref accuracy - cand accuracy)``
+    from per-sample outcomes paired on the same samples: each part's paired differences give
+    its variance, and the parts are independent samples."""
+    var = 0.0
+    for r, c in zip(ref, cand):
+        d = r.astype(np.float64) - c.astype(np.float64)
+        if len(d) < 2:
+            return math.nan
+        var += d.var(ddof=1) / len(d)
+    return 100.0 * math.sqrt(var) / len(ref)
+
+
+def _drop_standard_errors(ref_hits: Mapping[str, np.ndarray], hits: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """``zero_shot_top1_drop_se`` and ``retrieval_R@1_drop_se``: how much the drops move from
+    sample noise alone (two models that differ by near-ties flip a few outcomes both ways)."""
+    out = {}
+    for drop, keys in (("zero_shot_top1_drop", sorted(k for k in hits if k.startswith("zs_"))),
+                       ("retrieval_R@1_drop", [k for k in ("i2t_R@1", "t2i_R@1") if k in hits])):
+        keys = [k for k in keys if k in ref_hits and len(ref_hits[k]) == len(hits[k])]
+        if keys:
+            out[f"{drop}_se"] = _paired_drop_se([ref_hits[k] for k in keys], [hits[k] for k in keys])
+    return out
+
+
+def _proportion_se(p: float, n: int) -> float:
+    return math.sqrt(max(p * (1.0 - p), 0.0) / n) if n else math.nan
 
 
 def _sha(path: os.PathLike) -> str:

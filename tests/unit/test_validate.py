@@ -97,6 +97,46 @@ def test_score_tasks_hand_computed():
     assert m["t2i_R@1"] == pytest.approx(2 / 3)
     assert m["retrieval_R@1"] == pytest.approx((m["i2t_R@1"] + m["t2i_R@1"]) / 2)
     assert m["i2t_R@10"] == 1.0
+    np.testing.assert_array_equal(scores["hits"]["zs_color"], [True, True, False, True])
+    np.testing.assert_array_equal(scores["hits"]["i2t_R@1"], [True, False, False])
+    np.testing.assert_array_equal(scores["hits"]["t2i_R@1"], [True, True, False])
+
+
+def test_drop_standard_errors_hand_computed():
+    from coca_edge.validate.validator import _drop_standard_errors, _proportion_se
+
+    ref = {"zs_a": np.array([1, 1, 1, 1], bool), "zs_b": np.array([1, 0, 1, 0], bool),
+           "i2t_R@1": np.array([1, 1, 0, 0], bool), "t2i_R@1": np.array([1, 1, 1, 1], bool)}
+    cand = {"zs_a": np.array([1, 1, 0, 1], bool), "zs_b": np.array([1, 0, 1, 0], bool),
+            "i2t_R@1": np.array([1, 0, 1, 0], bool), "t2i_R@1": np.array([1, 1, 1, 1], bool)}
+    se = _drop_standard_errors(ref, cand)
+    # zs_a differences (0, 0, 1, 0): variance 0.25 (ddof 1) / 4 samples; zs_b identical: 0.
+    assert se["zero_shot_top1_drop_se"] == pytest.approx(100 * math.sqrt(0.25 / 4) / 2)
+    # i2t differences (0, 1, -1, 0): variance 2/3 / 4; t2i identical.
+    assert se["retrieval_R@1_drop_se"] == pytest.approx(100 * math.sqrt((2 / 3) / 4) / 2)
+    assert _drop_standard_errors(ref, ref) == {"zero_shot_top1_drop_se": 0.0, "retrieval_R@1_drop_se": 0.0}
+    assert _proportion_se(0.9, 100) == pytest.approx(0.03)
+
+
+def test_confidence_gates_fail_only_on_violations_beyond_the_noise(tmp_path):
+    spec = {"gates": {"retrieval_R@1_drop": "<= 0.5", "caption_exact_match": ">= 0.9",
+                      "embed_cosine_min": ">= 0.99"}}
+    metrics = {"retrieval_R@1_drop": 1.4, "retrieval_R@1_drop_se": 1.0,      # 1.4 - 1.64 < 0.5: noise
+               "caption_exact_match": 0.85, "caption_exact_match_se": 0.01,   # 0.85 + 0.016 < 0.9: real
+               "embed_cosine_min": 0.98}                                      # no standard error
+    plain = Gates.from_dict(spec).evaluate(metrics)
+    assert [r.passed for r in plain] == [False, False, False] and all(r.margin == 0 for r in plain)
+    noisy = Gates.from_dict({**spec, "confidence": 0.95}).evaluate(metrics)
+    assert [r.passed for r in noisy] == [True, False, False]
+    assert noisy[0].margin == pytest.approx(1.6449, abs=1e-3) and "less than its noise" in noisy[0].reason
+    assert "more than its noise" in noisy[1].reason and noisy[2].margin == 0
+    # a broken model (a drop of tens of points) fails however noisy the metric
+    assert not Gates.from_dict({**spec, "confidence": 0.99}).evaluate(
+        {**metrics, "retrieval_R@1_drop": 20.0})[0].passed
+    path = tmp_path / "gates.yaml"
+    path.write_text("confidence: 95\ngates:\n  retrieval_R@1_drop: '<= 0.5'\n")
+    with pytest.raises(GateError, match=r"gates\.yaml.*confidence.*\[0.5, 1\)"):
+        load_gates(path)
 
 
 def test_shipped_gates_load_and_evaluate():
