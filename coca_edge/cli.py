@@ -128,8 +128,12 @@ def _quiet_progress_when_logged() -> None:
 
     import tqdm
 
-    if not isinstance(vars(tqdm.tqdm)["__init__"], functools.partialmethod):     # once
-        tqdm.tqdm.__init__ = functools.partialmethod(tqdm.tqdm.__init__, mininterval=30.0)
+    # once; tqdm's own __init__ is already a partialmethod (its TQDM_* env wrapper), so the
+    # mark is an attribute of ours (holding the original), not the wrapper's type
+    if vars(tqdm.tqdm).get("_coca_edge_unquiet") is None:
+        original = vars(tqdm.tqdm)["__init__"]
+        tqdm.tqdm.__init__ = functools.partialmethod(original, mininterval=30.0)
+        tqdm.tqdm._coca_edge_unquiet = original
 
 
 def main(argv: Sequence[str] | None = None) -> int:

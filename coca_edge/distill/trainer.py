@@ -591,7 +591,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
                        "elapsed_s": round(now - started, 1), "frozen_visual": frozen}
                 if d.main:
                     metrics.write(row)
-                    bar.set_postfix(loss=f"{logs_acc['loss']:.4f}", samples_s=f"{rate:.0f}")
+                    bar.set_postfix(loss=f"{logs_acc['loss']:.4f}", samples_s=f"{rate:.0f}", refresh=False)
                 window_samples, window_start = 0, now
             bar.update(1)
             out_of_time = cfg.time_budget_s is not None and time.time() - budget_start >= cfg.time_budget_s

@@ -45,10 +45,11 @@ def test_progress_bars_redraw_rarely_into_a_log(monkeypatch):
 
     from coca_edge import cli
 
-    import functools
-
-    init = vars(tqdm.tqdm)["__init__"]                    # unpatched (an earlier main() may have)
-    monkeypatch.setattr(tqdm.tqdm, "__init__", init.func if isinstance(init, functools.partialmethod) else init)
+    # as shipped (tqdm's own __init__ is a partialmethod too: the bug this caught), undoing
+    # what an earlier main() in this process did; monkeypatch restores it after the test
+    shipped = vars(tqdm.tqdm).get("_coca_edge_unquiet") or vars(tqdm.tqdm)["__init__"]
+    monkeypatch.setattr(tqdm.tqdm, "__init__", shipped)
+    monkeypatch.setattr(tqdm.tqdm, "_coca_edge_unquiet", None, raising=False)
     monkeypatch.setenv("TQDM_MININTERVAL", "2")           # a value the user set: left alone
     cli._quiet_progress_when_logged()
     assert tqdm.tqdm(total=1, file=io.StringIO()).mininterval != 30.0
