@@ -126,7 +126,10 @@ def _quiet_progress_when_logged() -> None:
         return
     import functools
 
-    import tqdm
+    try:
+        import tqdm
+    except ModuleNotFoundError:          # a device install ("[ort]") has no progress bars
+        return
 
     # once; tqdm's own __init__ is already a partialmethod (its TQDM_* env wrapper), so the
     # mark is an attribute of ours (holding the original), not the wrapper's type
