@@ -102,10 +102,17 @@ def format_table(rows: Sequence[Sequence[str]]) -> str:
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in rows]
     lines.insert(1, "-" * len(lines[0]))
-    if any(c.startswith("PASS~") for r in rows[1:] for c in r):
-        lines.append("PASS~n: n gates missed their threshold by less than the sample noise (confidence in the "
-                     "gates file; the reasons are in report.md)")
+    if _noise_legend_needed(rows):
+        lines.append(_NOISE_LEGEND + " (the reasons are in report.md)")
     return "\n".join(lines)
+
+
+_NOISE_LEGEND = ("PASS~n: n gates missed their threshold by less than the sample noise (z x standard error at "
+                 "the gates file's confidence)")
+
+
+def _noise_legend_needed(rows: Sequence[Sequence[str]]) -> bool:
+    return any(c.startswith("PASS~") for r in rows[1:] for c in r)
 
 
 def _md_table(rows: Sequence[Sequence[str]]) -> str:
@@ -120,6 +127,8 @@ def render_markdown(report) -> str:
              f"Reference `{report.reference.spec}`; data `{d['source']}` ({d['images']} images, "
              f"{d['captioned']} captioned, {d['texts']} texts, per-graph tensors on {d['tensor_samples']} samples); "
              f"{report.seconds:.0f} s.", "", _md_table(summary_rows(report)), ""]
+    if _noise_legend_needed(summary_rows(report)):
+        lines += [_NOISE_LEGEND + "; each such gate's row below says by how much.", ""]
     for note in report.notes:
         lines.append(f"- note: {note}")
     for r in report.results:
@@ -387,6 +396,8 @@ def render_html(report, images: Any = None, plots: dict[str, str] | None = None)
              f"{d['tensor_samples']} samples; greedy captions up to {d['max_new_tokens']} tokens; "
              f"{report.seconds:.0f} s.</p>",
              '<h2 id="summary">Summary</h2>', _table_html(summary_rows(report), verdict_col=len(_COLUMNS) + 1)]
+    if _noise_legend_needed(summary_rows(report)):
+        parts.append(f'<p class="note">{html.escape(_NOISE_LEGEND)}; each such gate\'s row below says by how much.</p>')
     parts += [f'<p class="note">note: {html.escape(n)}</p>' for n in report.notes]
     parts.append('<h2 id="plots">Plots</h2>')
     for key in ("cosine", "recall", "divergence", "acc_latency", "acc_size", "frontier"):

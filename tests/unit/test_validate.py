@@ -176,3 +176,36 @@ def test_bad_gates_are_errors_naming_file_and_key(tmp_path):
         load_gates(path)
     with pytest.raises(GateError, match="cpu-int4.*cpu-int8"):
         load_gates("cpu-int4")
+
+
+def test_reports_explain_a_pass_within_noise():
+    """A PASS~ verdict never stands unexplained: table, markdown and HTML carry the legend, and
+    the gate's own row says by how much the noise covered the miss."""
+    from types import SimpleNamespace
+
+    from coca_edge.validate.report import format_table, render_html, render_markdown, summary_rows
+
+    gates = Gates.from_dict({"confidence": 0.95, "gates": {"retrieval_R@1_drop": "<= 0.5",
+                                                           "zero_shot_top1_drop": "<= 0.3"}})
+
+    def result(name, metrics, gate_results):
+        return SimpleNamespace(name=name, spec=name, metrics=metrics, gate_results=gate_results, tensor={},
+                               localization=[], captions=[], notes=[], cosines={}, logits=None)
+
+    def report(metrics):
+        cand = result("INT8", metrics, gates.evaluate(metrics))
+        return SimpleNamespace(
+            data={"source": "synthetic-scenes:val", "images": 4, "captioned": 2, "texts": 8, "tensor_samples": 2,
+                  "max_new_tokens": 20},
+            reference=result("FP32", {}, []), results=[cand], notes=[], seconds=1.0, validator=None,
+            passed=all(g.passed for g in cand.gate_results))
+
+    noisy = report({"retrieval_R@1_drop": 1.4, "retrieval_R@1_drop_se": 1.0, "zero_shot_top1_drop": 0.1})
+    assert summary_rows(noisy)[-1][-1] == "PASS~1"
+    assert "PASS~n:" in format_table(summary_rows(noisy))
+    md = render_markdown(noisy)
+    assert "PASS~n:" in md and "pass within noise: retrieval_R@1_drop" in md
+    assert "PASS~n:" in render_html(noisy, plots={})
+    clean = report({"retrieval_R@1_drop": 0.2, "retrieval_R@1_drop_se": 1.0, "zero_shot_top1_drop": 0.1})
+    assert summary_rows(clean)[-1][-1] == "PASS"
+    assert "PASS~" not in format_table(summary_rows(clean)) and "PASS~" not in render_markdown(clean)
