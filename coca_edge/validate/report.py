@@ -103,7 +103,7 @@ def format_table(rows: Sequence[Sequence[str]]) -> str:
              for row in rows]
     lines.insert(1, "-" * len(lines[0]))
     if _noise_legend_needed(rows):
-        lines.append(_NOISE_LEGEND + " (the reasons are in report.md)")
+        lines.append(_NOISE_LEGEND + "; the reasons are in report.md")
     return "\n".join(lines)
 
 
