@@ -196,36 +196,29 @@ class RetrievalTask:
     kind: str = field(default="retrieval", init=False)
 
     def score(self, image_embeds: np.ndarray, text_embeds: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
-        sim = _unit(image_embeds) @ _unit(text_embeds).T  # [N images, T texts]
-        n_images, n_texts = sim.shape
-        positive = np.zeros((n_images, n_texts), dtype=bool)
-        for i, texts in enumerate(self.image_to_texts):
-            positive[i, list(texts)] = True
-        out: dict[str, Any] = {"task": self.name, "n_images": n_images, "n_texts": n_texts}
-        i2t_hits, t2i_hits = self._ranked_hits(sim, positive)
-        for k in ks:
-            out[f"i2t_R@{k}"] = float(i2t_hits[:, :k].any(axis=1).mean())
-            out[f"t2i_R@{k}"] = float(t2i_hits[:, :k].any(axis=1).mean())
-        return out
+        return self.score_ranked(*self.ranked_hits(image_embeds, text_embeds), ks)
 
-    def hits_at_1(self, image_embeds: np.ndarray, text_embeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per-query R@1 outcomes: (one bool per image, one per text that describes an image),
-        in the order ``score`` averages them; paired between two models they give the noise
-        of an R@1 difference."""
-        sim = _unit(image_embeds) @ _unit(text_embeds).T
+    def ranked_hits(self, image_embeds: np.ndarray, text_embeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per query, whether each candidate in ranked order is a positive: ``[images, texts]``
+        and ``[texts that describe an image, images]``. Column 0 is each query's R@1 outcome;
+        paired between two models it gives the noise of an R@1 difference."""
+        sim = _unit(image_embeds) @ _unit(text_embeds).T  # [N images, T texts]
         positive = np.zeros(sim.shape, dtype=bool)
         for i, texts in enumerate(self.image_to_texts):
             positive[i, list(texts)] = True
-        i2t_hits, t2i_hits = self._ranked_hits(sim, positive)
-        return i2t_hits[:, 0].copy(), t2i_hits[:, 0].copy()
-
-    @staticmethod
-    def _ranked_hits(sim: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         i2t_order = np.argsort(-sim, axis=1, kind="stable")
         t2i_order = np.argsort(-sim.T, axis=1, kind="stable")
         i2t_hits = np.take_along_axis(positive, i2t_order, axis=1)
         t2i_hits = np.take_along_axis(positive.T, t2i_order, axis=1)
         return i2t_hits, t2i_hits[t2i_hits.any(axis=1)]
+
+    def score_ranked(self, i2t_hits: np.ndarray, t2i_hits: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
+        """Recall@K from :meth:`ranked_hits`."""
+        out: dict[str, Any] = {"task": self.name, "n_images": i2t_hits.shape[0], "n_texts": i2t_hits.shape[1]}
+        for k in ks:
+            out[f"i2t_R@{k}"] = float(i2t_hits[:, :k].any(axis=1).mean())
+            out[f"t2i_R@{k}"] = float(t2i_hits[:, :k].any(axis=1).mean())
+        return out
 
 
 @dataclass(eq=False)

@@ -87,6 +87,11 @@ class GateResult:
     reason: str
     margin: float = 0.0          # z x standard error allowed for sample noise (0: point estimate)
 
+    @property
+    def within_noise(self) -> bool:
+        """Passed although the point estimate misses the threshold (by less than ``margin``)."""
+        return self.passed and self.measured is not None and not _OPS[self.op](self.measured, self.allowed)
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "op": self.op, "allowed": self.allowed, "measured": self.measured,
                 "passed": self.passed, "reason": self.reason, "margin": self.margin}
@@ -152,7 +157,6 @@ class Gates:
                     reason += f" by more than its noise ({margin:.3g} at confidence {self.confidence:g})"
             results.append(GateResult(gate.name, gate.op, gate.allowed, value, passed, reason, margin))
         return results
-
 
     def _margin(self, gate: Gate, metrics: Mapping[str, float | None]) -> float:
         if self.confidence is None:

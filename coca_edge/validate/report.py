@@ -79,12 +79,8 @@ def _gate_verdict(result) -> str:
     if failed:
         return f"FAIL {failed}/{len(result.gate_results)}"
     # "PASS~n": n gates passed only because their miss was within the sample noise
-    noisy = sum(_within_noise(g) for g in result.gate_results)
+    noisy = sum(g.within_noise for g in result.gate_results)
     return f"PASS~{noisy}" if noisy else "PASS"
-
-
-def _within_noise(gate) -> bool:
-    return bool(gate.passed and gate.margin > 0 and "less than its noise" in gate.reason)
 
 
 def summary_rows(report) -> list[list[str]]:
@@ -122,12 +118,12 @@ def _md_table(rows: Sequence[Sequence[str]]) -> str:
 
 
 def render_markdown(report) -> str:
-    d = report.data
+    d, summary = report.data, summary_rows(report)
     lines = [f"# Validation report: {'PASSED' if report.passed else 'FAILED'}", "",
              f"Reference `{report.reference.spec}`; data `{d['source']}` ({d['images']} images, "
              f"{d['captioned']} captioned, {d['texts']} texts, per-graph tensors on {d['tensor_samples']} samples); "
-             f"{report.seconds:.0f} s.", "", _md_table(summary_rows(report)), ""]
-    if _noise_legend_needed(summary_rows(report)):
+             f"{report.seconds:.0f} s.", "", _md_table(summary), ""]
+    if _noise_legend_needed(summary):
         lines += [_NOISE_LEGEND + "; each such gate's row below says by how much.", ""]
     for note in report.notes:
         lines.append(f"- note: {note}")
@@ -136,7 +132,7 @@ def render_markdown(report) -> str:
         if r.gate_results:
             lines += ["| gate | allowed | measured | verdict |", "|---|---|---|---|"]
             lines += [f"| `{g.name}` | {g.op} {g.allowed:g} | {_fmt(g.measured)} | "
-                      f"{('pass within noise: ' + g.reason) if _within_noise(g) else 'pass' if g.passed else 'FAIL: ' + g.reason} |"
+                      f"{('pass within noise: ' + g.reason) if g.within_noise else 'pass' if g.passed else 'FAIL: ' + g.reason} |"
                       for g in r.gate_results]
             lines.append("")
         lines += ["| graph.output | cosine min | SQNR dB | max abs | mean abs | p99 abs |", "|---|---|---|---|---|---|"]
@@ -385,7 +381,7 @@ def _table_html(rows: Sequence[Sequence[str]], verdict_col: int | None = None) -
 def render_html(report, images: Any = None, plots: dict[str, str] | None = None) -> str:
     """``images(rows) -> uint8 [n, H, W, 3]`` supplies the sample grid (the validator's data);
     ``plots``: :func:`_plots` of the report when the caller already has them."""
-    d = report.data
+    d, summary = report.data, summary_rows(report)
     plots = _plots(report) if plots is None else plots
     verdict = "PASSED" if report.passed else "FAILED"
     parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>coca-edge validation: {verdict}"
@@ -395,8 +391,8 @@ def render_html(report, images: Any = None, plots: dict[str, str] | None = None)
              f"</code>: {d['images']} images, {d['captioned']} captioned, {d['texts']} texts; per-graph tensors on "
              f"{d['tensor_samples']} samples; greedy captions up to {d['max_new_tokens']} tokens; "
              f"{report.seconds:.0f} s.</p>",
-             '<h2 id="summary">Summary</h2>', _table_html(summary_rows(report), verdict_col=len(_COLUMNS) + 1)]
-    if _noise_legend_needed(summary_rows(report)):
+             '<h2 id="summary">Summary</h2>', _table_html(summary, verdict_col=len(_COLUMNS) + 1)]
+    if _noise_legend_needed(summary):
         parts.append(f'<p class="note">{html.escape(_NOISE_LEGEND)}; each such gate\'s row below says by how much.</p>')
     parts += [f'<p class="note">note: {html.escape(n)}</p>' for n in report.notes]
     parts.append('<h2 id="plots">Plots</h2>')
@@ -410,7 +406,7 @@ def render_html(report, images: Any = None, plots: dict[str, str] | None = None)
         parts.append(f'<h2 class="candidate">{html.escape(r.name)}</h2>')
         if r.gate_results:
             rows = [["gate", "allowed", "measured", "verdict", "reason"]]
-            rows += [[g.name, f"{g.op} {g.allowed:g}", _fmt(g.measured), "PASS~" if _within_noise(g) else "PASS" if g.passed else "FAIL", g.reason]
+            rows += [[g.name, f"{g.op} {g.allowed:g}", _fmt(g.measured), "PASS~" if g.within_noise else "PASS" if g.passed else "FAIL", g.reason]
                      for g in r.gate_results]
             parts.append('<h3>Gates</h3>' + _table_html(rows, verdict_col=3).replace('<table>', '<table class="gates">', 1))
         rows = [["graph.output", "cosine min", "SQNR dB", "max abs", "mean abs", "p99 abs"]]

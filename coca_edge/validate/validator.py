@@ -443,12 +443,12 @@ def score_tasks(data: EvalData, texts: Sequence[str], out: ModelOutputs, corpus_
         metrics[name] = scored["accuracy"]
     if data.retrieval is not None:
         bound = data.retrieval
-        scored = bound.task.score(out.image_embed[bound.rows], texts_embed(list(bound.task.texts)), ks=(1, 5, 10))
+        i2t_hits, t2i_hits = bound.task.ranked_hits(out.image_embed[bound.rows], texts_embed(list(bound.task.texts)))
+        scored = bound.task.score_ranked(i2t_hits, t2i_hits, ks=(1, 5, 10))
         tasks["retrieval"] = scored
         metrics.update({k: scored[k] for k in scored if "R@" in k})
         metrics["retrieval_R@1"] = (scored["i2t_R@1"] + scored["t2i_R@1"]) / 2
-        hits["i2t_R@1"], hits["t2i_R@1"] = bound.task.hits_at_1(out.image_embed[bound.rows],
-                                                                texts_embed(list(bound.task.texts)))
+        hits["i2t_R@1"], hits["t2i_R@1"] = i2t_hits[:, 0].copy(), t2i_hits[:, 0].copy()
     if data.captioning is not None and out.captions:
         task = data.captioning.task
         refs = [list(r) for r in task.references]
