@@ -16,8 +16,9 @@ interleaved blocks, each printed as a ratio against the shipped choice:
   LayerNorm computed once with each layer's scale and shift folded into its weights, the
   output already in its layout) against the model's own per-layer form (LayerNorm, MatMul,
   Transpose per layer, then a Concat).
-* ``cross``: cross-attention alone (12 layers, batch 8, 255 image tokens) in six
-  formulations, including ONNX Runtime's contrib ``MultiHeadAttention``.
+* ``cross``: cross-attention alone (12 layers, batch 8, 255 image tokens) in seven
+  formulations, including ONNX Runtime's contrib ``MultiHeadAttention`` and uint8 K/V read
+  through ``MatMulInteger`` (what an INT8 cross-K/V cache would cost a step).
 * ``matmul``: the weight matmuls alone (50 MLP blocks 512-2048-512) as ``MatMul`` (shipped),
   ``Gemm(transB=1)`` and with transposed activations, at M = 1 and 8.
 * ``spinning``: end-to-end captioning (batch 1 and 8, 30 tokens forced) with ORT's worker
@@ -319,7 +320,8 @@ def _cross_graph(kind: str, b: int, h: int, n: int, d: int, layers: int, rng) ->
     for i in range(layers):
         k, v, o = f"k{i}", f"v{i}", f"o{i}"
         if kind != "absorbed (shared normalised tokens)":
-            inputs += [oh.make_tensor_value_info(k, f, layout_k), oh.make_tensor_value_info(v, f, layout_v)]
+            kv_type = TP.UINT8 if kind == INT8_KIND else f
+            inputs += [oh.make_tensor_value_info(k, kv_type, layout_k), oh.make_tensor_value_info(v, kv_type, layout_v)]
         if kind == "K @ q^T (shipped)":
             nodes += [oh.make_node("Transpose", [x], [f"qt{i}"], perm=[0, 1, 3, 2]),
                       oh.make_node("MatMul", [k, f"qt{i}"], [f"s{i}"]), oh.make_node("Mul", [f"s{i}", "scale"], [f"z{i}"]),
@@ -347,6 +349,26 @@ def _cross_graph(kind: str, b: int, h: int, n: int, d: int, layers: int, rng) ->
                       oh.make_node("MultiHeadAttention", [f"qr{i}", k, v], [f"m{i}"], domain="com.microsoft", num_heads=h),
                       oh.make_node("Reshape", [f"m{i}", "shape_o4"], [f"mo{i}"]),
                       oh.make_node("Transpose", [f"mo{i}"], [o], perm=[0, 2, 1, 3])]
+        elif kind == INT8_KIND:
+            # K and V stored as uint8 with one scale / zero point per layer (from calibration);
+            # the query and the softmax output are quantized per run, scores and output come
+            # from integer matmuls and are scaled back.
+            inputs += [oh.make_tensor_value_info(f"ks{i}", f, []), oh.make_tensor_value_info(f"kz{i}", TP.UINT8, []),
+                       oh.make_tensor_value_info(f"vs{i}", f, []), oh.make_tensor_value_info(f"vz{i}", TP.UINT8, [])]
+            nodes += [oh.make_node("Transpose", [x], [f"qt{i}"], perm=[0, 1, 3, 2]),
+                      oh.make_node("DynamicQuantizeLinear", [f"qt{i}"], [f"qq{i}", f"qs{i}", f"qz{i}"]),
+                      oh.make_node("MatMulInteger", [k, f"qq{i}", f"kz{i}", f"qz{i}"], [f"si{i}"]),
+                      oh.make_node("Cast", [f"si{i}"], [f"sf{i}"], to=f),
+                      oh.make_node("Mul", [f"qs{i}", f"ks{i}"], [f"m1{i}"]),
+                      oh.make_node("Mul", [f"m1{i}", "scale"], [f"m2{i}"]),
+                      oh.make_node("Mul", [f"sf{i}", f"m2{i}"], [f"z{i}"]),
+                      oh.make_node("Softmax", [f"z{i}"], [f"p{i}"], axis=2),
+                      oh.make_node("Transpose", [f"p{i}"], [f"pt{i}"], perm=[0, 1, 3, 2]),
+                      oh.make_node("DynamicQuantizeLinear", [f"pt{i}"], [f"pq{i}", f"ps{i}", f"pz{i}"]),
+                      oh.make_node("MatMulInteger", [f"pq{i}", v, f"pz{i}", f"vz{i}"], [f"oi{i}"]),
+                      oh.make_node("Cast", [f"oi{i}"], [f"of{i}"], to=f),
+                      oh.make_node("Mul", [f"ps{i}", f"vs{i}"], [f"m3{i}"]),
+                      oh.make_node("Mul", [f"of{i}", f"m3{i}"], [o])]
         else:  # absorbed: per-head query folded with W_k, output with W_v; tokens shared by all layers
             inits += [nh.from_array(rng.standard_normal((h, d, e), np.float32) * 0.05, f"ak{i}"),
                       nh.from_array(rng.standard_normal((h, e, d), np.float32) * 0.05, f"av{i}")]
@@ -369,8 +391,18 @@ def _cross_graph(kind: str, b: int, h: int, n: int, d: int, layers: int, rng) ->
     return model.SerializeToString()
 
 
+INT8_KIND = "uint8 K/V, MatMulInteger"
 CROSS_KINDS = ("K @ q^T (shipped)", "q @ K^T, K stored [B,H,D,N]", "K @ q^T and V^T @ p^T", "q @ K^T and V^T @ p^T",
-               "contrib MultiHeadAttention", "absorbed (shared normalised tokens)")
+               "contrib MultiHeadAttention", INT8_KIND, "absorbed (shared normalised tokens)")
+
+
+def _quantize_u8(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric uint8 over the whole tensor (range widened to hold 0): values, scale, zero point."""
+    lo, hi = min(float(a.min()), 0.0), max(float(a.max()), 0.0)
+    scale = (hi - lo) / 255.0
+    zero = int(np.clip(round(-lo / scale), 0, 255))
+    q = np.clip(np.round(a / scale) + zero, 0, 255).astype(np.uint8)
+    return q, np.array(scale, np.float32), np.array(zero, np.uint8)
 
 
 def section_cross(args, tmp: Path) -> dict:
@@ -388,6 +420,10 @@ def section_cross(args, tmp: Path) -> dict:
             feed.update(tok=tok, tokT=np.ascontiguousarray(tok.transpose(0, 2, 1)))
         else:
             for i in range(layers):
+                if kind == INT8_KIND:
+                    feed[f"k{i}"], feed[f"ks{i}"], feed[f"kz{i}"] = _quantize_u8(keys[i])
+                    feed[f"v{i}"], feed[f"vs{i}"], feed[f"vz{i}"] = _quantize_u8(values[i])
+                    continue
                 kt = kind in ("q @ K^T, K stored [B,H,D,N]", "q @ K^T and V^T @ p^T")
                 vt = kind in ("K @ q^T and V^T @ p^T", "q @ K^T and V^T @ p^T")
                 feed[f"k{i}"] = np.ascontiguousarray(keys[i].transpose(0, 1, 3, 2)) if kt else keys[i]
@@ -396,11 +432,16 @@ def section_cross(args, tmp: Path) -> dict:
     reference = sessions[CROSS_KINDS[0]].run(None, feeds[CROSS_KINDS[0]])[0]
     notes = {}
     for kind in CROSS_KINDS[1:-1]:  # the absorbed graph has its own (random) weights
-        notes[kind] = f"max |diff| vs shipped {np.abs(sessions[kind].run(None, feeds[kind])[0] - reference).max():.1e}"
+        out = sessions[kind].run(None, feeds[kind])[0]
+        notes[kind] = f"max |diff| vs shipped {np.abs(out - reference).max():.1e}"
+        if kind == INT8_KIND:
+            cos = float((out * reference).sum() / np.linalg.norm(out) / np.linalg.norm(reference))
+            notes[kind] += f", cosine {cos:.6f}"
     med = _interleaved({k: (lambda s=sessions[k], f=feeds[k]: s.run(None, f)) for k in CROSS_KINDS})
     mb = 2 * layers * b * h * n * d * 4 / 1e6
     for k in CROSS_KINDS[:-1]:
-        notes[k] = f"{mb / 1e3 / med[k]:.1f} GB/s of image K/V" + (f"; {notes[k]}" if k in notes else "")
+        read = mb / 4 if k == INT8_KIND else mb
+        notes[k] = f"{read / 1e3 / med[k]:.1f} GB/s of image K/V" + (f"; {notes[k]}" if k in notes else "")
     _table(f"cross-attention alone: {layers} layers, batch {b}, {n} image tokens ({mb:.0f} MB of K/V)",
            med, CROSS_KINDS[0], notes)
     return {"median_s": med}

@@ -3,7 +3,8 @@
 A recipe (YAML) names a run directory and an ordered mapping of stages. Each stage has a
 ``type`` (``distill``, ``train``, ``export``, ``quantize``, ``validate``) and the parameters
 of that type; a string ``"@name"`` refers to the main output of an earlier stage
-(``"@name.key"`` to another of its outputs). Everything is checked before any work starts:
+(``"@name.key"`` to another of its outputs; in a validate stage ``"@name@fp16"`` runs that
+checkpoint in PyTorch FP16, as ``CKPT@fp16`` does on the command line). Everything is checked before any work starts:
 unknown keys, unknown stage types, references to stages that do not come earlier, and
 input paths that do not exist are errors naming the key, stage or path.
 
@@ -59,8 +60,14 @@ class GateFailure(RuntimeError):
 
 
 def _path_exists(value: str, where: str) -> None:
-    if not value.startswith("@") and not Path(value).exists():
+    if not value.startswith("@") and not _strip_dtype(value).exists():
         raise PipelineError(f"{where}: path not found: {value}")
+
+
+def _strip_dtype(value: str) -> Path:
+    """A path, less a validator dtype suffix (``CKPT@fp16``) if it ends in one."""
+    head, sep, tail = value.rpartition("@")
+    return Path(head if sep and tail in _REF_SUFFIXES else value)
 
 
 @dataclass(frozen=True)
@@ -259,8 +266,19 @@ class Recipe:
 _RECIPE_KEYS = {"name", "run_dir", "stages", "deploy", "summary", "description", "version"}
 
 
+# What may follow a reference to a checkpoint, as in "@student@fp16": the dtype the validator
+# runs it in (coca_edge.validate.models.DTYPE_SUFFIXES; not imported here, that module needs torch).
+_REF_SUFFIXES = ("fp32", "fp16", "fp16-pure", "bf16")
+
+
+def _split_suffix(value: str) -> tuple[str, str | None]:
+    """``"@name[.key]@dtype"`` -> (``"@name[.key]"``, dtype)."""
+    head, sep, tail = value[1:].rpartition("@")
+    return (f"@{head}", tail) if sep else (value, None)
+
+
 def _parse_ref(value: str) -> tuple[str, str | None]:
-    name, _, key = value[1:].partition(".")
+    name, _, key = _split_suffix(value)[0][1:].partition(".")
     return name, key or None
 
 
@@ -346,6 +364,12 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = (), run_dir:
             if ref not in earlier:
                 raise PipelineError(f"{where}: '@{ref}' does not name an earlier stage "
                                     f"(earlier: {', '.join(sorted(earlier)) or 'none'})")
+        for value in _strings(dataclasses.asdict(params)):
+            suffix = _split_suffix(value)[1] if value.startswith("@") else None
+            if suffix is not None and (kind != "validate" or suffix not in _REF_SUFFIXES):
+                raise PipelineError(f"{where}: '{value}': a reference may end in a dtype only in a validate stage "
+                                    f"(one of {', '.join('@' + x for x in _REF_SUFFIXES)}: a checkpoint run by "
+                                    "PyTorch in that dtype)")
         if check_paths:
             for key in params_cls._paths:
                 for value in _strings(getattr(params, key)):
@@ -441,7 +465,8 @@ def _resolve(value: Any, outputs: dict[str, dict[str, str]], main: dict[str, str
         key = key or main[name]
         if key not in outputs[name]:
             raise PipelineError(f"'{value}': stage {name} has no output {key!r} (outputs: {sorted(outputs[name])})")
-        return outputs[name][key]
+        suffix = _split_suffix(value)[1]
+        return outputs[name][key] + (f"@{suffix}" if suffix else "")
     if isinstance(value, (list, tuple)):
         return type(value)(_resolve(v, outputs, main) for v in value)
     if isinstance(value, Mapping):
@@ -456,7 +481,7 @@ def _stage_key(stage: Stage, resolved: Any, digests: dict[str, str]) -> tuple[st
     for key in type(stage.params)._paths:
         for raw in _strings(getattr(stage.params, key)):
             if not raw.startswith("@"):
-                inputs[raw] = _digest_path(Path(raw))
+                inputs[raw] = _digest_path(_strip_dtype(raw))
     gates = getattr(stage.params, "gates", None)  # a gates file (not a shipped gate-set name) is an input
     if isinstance(gates, str) and Path(gates).is_file():
         inputs[gates] = _digest_path(Path(gates))

@@ -101,6 +101,7 @@ def test_run_skip_and_rerun_after_change(tmp_path, capsys):
     (lambda r: r.replace("type: export", "type: exprot"), "unknown stage type 'exprot'"),
     (lambda r: r.replace('"@second"', '"@secnd"'), "'@secnd' does not name an earlier stage"),
     (lambda r: r.replace('"@second"', "/no/such/model.safetensors"), "path not found: /no/such/model.safetensors"),
+    (lambda r: r.replace('"@second"', '"@second@fp16"'), "a reference may end in a dtype only in a validate stage"),
 ])
 def test_bad_recipes_stop_before_any_work(tmp_path, capsys, edit, message):
     recipe = _write(tmp_path)
@@ -213,3 +214,31 @@ def test_editing_a_gates_file_changes_the_stage_key(tmp_path):
     assert _stage_key(stage, stage.params, {})[0] != before
     named = Stage("q", "quantize", QuantizeParams(bundle=str(tmp_path), gates="cpu-int8"))
     assert "cpu-int8" not in _stage_key(named, named.params, {})[1]  # a shipped name, not a file
+
+
+CHECK_STAGE = """\
+  check:
+    type: validate
+    reference: "@second"
+    candidates: ["@second@fp16", "@bundle"]
+    samples: 8
+"""
+
+
+def test_validate_stage_runs_a_stage_checkpoint_in_a_dtype(tmp_path):
+    """"@stage@fp16" in a validate stage names that stage's checkpoint run by PyTorch in FP16;
+    a suffix the validator does not know is an error before any work."""
+    from coca_edge.pipeline import _resolve
+
+    recipe = _write(tmp_path)
+    text = recipe.read_text() + CHECK_STAGE
+    recipe.write_text(text)
+    stage = load_recipe(recipe).stage("check")
+    assert [ref for ref, _ in stage.refs] == ["second", "second", "bundle"]
+    outputs = {"second": {"model": "/r/second/model.safetensors"}, "bundle": {"bundle": "/r/bundle"}}
+    main_out = {"second": "model", "bundle": "bundle"}
+    assert _resolve(list(stage.params.candidates), outputs, main_out) == ["/r/second/model.safetensors@fp16",
+                                                                          "/r/bundle"]
+    recipe.write_text(text.replace("@second@fp16", "@second@fp8"))
+    with pytest.raises(PipelineError, match="stages.check: '@second@fp8': a reference may end in a dtype only"):
+        load_recipe(recipe)

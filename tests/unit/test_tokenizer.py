@@ -182,6 +182,18 @@ def test_duplicate_merges_rejected(tmp_path):
         Tokenizer(path)
 
 
+def test_vocab_tables_built_once_per_file_version(tmp_path):
+    """A second tokenizer over the same file reuses its tables; a rewritten file is read again."""
+    path = tmp_path / "vocab.txt.gz"
+    path.write_bytes(Path(default_vocab_path()).read_bytes())
+    first, second = Tokenizer(path), Tokenizer(path, context_length=20)
+    assert second._ranks is first._ranks and second.encode("a photo of a cat") == CAT_IDS
+    path.write_bytes(b"not gzip at all")
+    os.utime(path, ns=(0, 0))  # a different version even on a filesystem with coarse mtimes
+    with pytest.raises(TokenizerError, match="corrupt"):
+        Tokenizer(path)
+
+
 def test_save_load_round_trip(tmp_path, tok):
     original = Tokenizer(Path(default_vocab_path()), context_length=77)
     written = original.save(tmp_path / "bundle")
