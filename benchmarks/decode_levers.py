@@ -555,12 +555,15 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    results = {"preset": args.preset, "threads": args.threads}
+    # Sections not run this time keep their earlier results; each section records its date.
+    path = Path(args.json)
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results.update(preset=args.preset, threads=args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         for name in chosen:
-            results[name] = SECTIONS[name](args, Path(tmp))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=2))
+            results[name] = {**SECTIONS[name](args, Path(tmp)), "measured": time.strftime("%Y-%m-%d")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {args.json}")
 
 

@@ -91,6 +91,9 @@ class Int8DynamicConfig(_Config):
     """INT8 weights, activations quantized per run from their live range (no calibration)."""
 
     weight_type: str = "int8"
+    # Per-channel is worse here, not better: ORT's dynamic path then emits plain MatMulInteger
+    # nodes, and on the demo student's image encoder (batch 8, ORT 1.32) the embedding cosine
+    # fell from 0.99998 to 0.9958 and greedy captions identical to FP32 from 95% to 47-51%.
     per_channel: bool = False
     reduce_range: bool = False
     op_types: tuple[str, ...] = ("MatMul", "Gemm", "Gather")
