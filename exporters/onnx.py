@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import os
 import tempfile
 import warnings
@@ -78,11 +79,23 @@ def compare_outputs(graph: GraphSpec, reference: dict[str, np.ndarray], actual: 
     return stats
 
 
+# The dynamo exporter logs four "torchvision is not installed. Skipping torchvision::nms"-style
+# warnings per graph when torchvision is absent (the `cpu` extra does not install it); CoCa
+# uses none of those ops.
+_REGISTRATION_LOGGER = "torch.onnx._internal.exporter._registration"
+
+
+def _not_torchvision_skip(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("torchvision is not installed")
+
+
 @contextlib.contextmanager
 def _export_patches():
     """The legacy exporter cannot trace nn.MultiheadAttention's fast path; quiet known warnings."""
     previous = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
+    registration = logging.getLogger(_REGISTRATION_LOGGER)
+    registration.addFilter(_not_torchvision_skip)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=UserWarning)
@@ -90,6 +103,7 @@ def _export_patches():
             warnings.filterwarnings("ignore", category=FutureWarning)
             yield
     finally:
+        registration.removeFilter(_not_torchvision_skip)
         torch.backends.mha.set_fastpath_enabled(previous)
 
 

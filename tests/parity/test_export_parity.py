@@ -136,3 +136,29 @@ def test_cross_kv_graph_folds_layernorm_and_bias(tmp_path):
         result = export_onnx(model, tmp_path / graph, graphs=(graph,), fuse_cross_kv=fuse, progress=False)
         checked = [r for r in result[graph]["validation"] if r["output"] == "cross_kv"]
         assert checked and all(r["max_abs"] <= r["tolerance"] for r in checked)
+
+
+def test_export_quiets_only_the_torchvision_skip_warnings():
+    """Without torchvision (the `cpu` extra) the dynamo exporter logs four skip warnings per
+    graph; exporting drops those and nothing else, and only while it runs."""
+    import logging
+
+    from coca_edge.exporters.onnx import _REGISTRATION_LOGGER, _export_patches
+
+    logger = logging.getLogger(_REGISTRATION_LOGGER)
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handler = Keep(level=logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        with _export_patches():
+            logger.warning("torchvision is not installed. Skipping %s", "torchvision::nms")
+            logger.warning("another registration warning")
+        logger.warning("torchvision is not installed. Skipping %s", "torchvision::nms")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["another registration warning", "torchvision is not installed. Skipping torchvision::nms"]
