@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -388,7 +388,8 @@ def score_caption(text: str, scene: Scene) -> dict[str, Any]:
 
 
 def score_captions(
-    predictions: Sequence[str], scenes: Sequence[Scene], references: Sequence[Sequence[str]] | None = None
+    predictions: Sequence[str], scenes: Sequence[Scene], references: Sequence[Sequence[str]] | None = None,
+    counts: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Aggregate caption quality on synthetic scenes.
 
@@ -399,11 +400,15 @@ def score_captions(
     - ``<attribute>_accuracy``: among stated attributes of mentions matched to an object;
     - ``count_accuracy``: stated (or mentioned) object count equals the scene's;
     - ``relation_accuracy``: stated relations between two matched objects that are right.
+
+    ``counts``: the captions' ``score_caption`` results when the caller already has them.
     """
     if len(predictions) != len(scenes):
         raise ValueError(f"{len(predictions)} predictions for {len(scenes)} scenes")
+    if counts is not None and len(counts) != len(predictions):
+        raise ValueError(f"{len(counts)} per-caption counts for {len(predictions)} predictions")
     refs = references if references is not None else [reference_captions(s) for s in scenes]
-    per = [score_caption(p, s) for p, s in zip(predictions, scenes)]
+    per = list(counts) if counts is not None else [score_caption(p, s) for p, s in zip(predictions, scenes)]
     total = lambda key: sum(r[key] for r in per)  # noqa: E731
     ratio = lambda a, b: float(a / b) if b else float("nan")  # noqa: E731
     exact = [normalize_caption(p) in {normalize_caption(r) for r in rs} for p, rs in zip(predictions, refs)]

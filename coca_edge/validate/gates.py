@@ -11,7 +11,8 @@ fires), and a gate whose metric is missing or NaN fails: nothing passes silently
 
 Optional ``confidence: 0.95`` makes gates on sampled metrics noise-aware. The validator
 reports a standard error beside each of them (``zero_shot_top1_drop_se``,
-``retrieval_R@1_drop_se``, ``caption_exact_match_se``, ``decoder.logits.top1_agreement_se``);
+``retrieval_R@1_drop_se``, ``caption_exact_match_se``, ``decoder.logits.top1_agreement_se``,
+``hallucination_rate_increase_se``);
 with ``confidence`` such a gate fails only when the measurement is beyond its threshold by
 more than ``z x se`` (``z`` = 1.64 at 0.95, one-sided), i.e. when the data show the
 violation at that confidence. A broken layer costs tens of points and still fails; a
@@ -42,7 +43,7 @@ METRICS = (
     "hallucination_rate", "hallucination_rate_increase", "embed_cosine_min",
     "decoder.logits.top1_agreement", "latency_b1_ms", "latency_b8_ms", "bytes", "params",
     "zero_shot_top1_drop_se", "retrieval_R@1_drop_se", "caption_exact_match_se",
-    "decoder.logits.top1_agreement_se",
+    "decoder.logits.top1_agreement_se", "hallucination_rate_increase_se",
 )
 _TENSOR_METRIC = re.compile(r"^(image_encoder|text_encoder|cross_kv|decoder)\.[A-Za-z0-9_]+\."
                             r"(cosine_min|cosine_mean|sqnr_db|max_abs|mean_abs|p99_abs)$")

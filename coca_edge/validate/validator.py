@@ -330,6 +330,8 @@ class Validator:
         if "hallucination_rate" in metrics and "hallucination_rate" in ref_metrics:
             metrics["hallucination_rate_increase"] = (metrics["hallucination_rate"]
                                                       - ref_metrics["hallucination_rate"]) * 100
+            metrics["hallucination_rate_increase_se"] = _ratio_increase_se(
+                self._ref_scores["hits"], scores["hits"], "hallucinated", "mentions")
         ref_preds, preds = self._ref_scores["preds"], scores["preds"]
         if preds:
             same = np.concatenate([ref_preds[k] == preds[k] for k in preds])
@@ -410,10 +412,11 @@ class Validator:
 def score_tasks(data: EvalData, texts: Sequence[str], out: ModelOutputs, corpus_metrics: bool = True) -> dict[str, Any]:
     """Absolute task metrics of one model's outputs: ``{"metrics", "tasks", "preds", "hits"}``
     (``preds``: per zero-shot task the predicted class per image, for agreement with the
-    reference; ``hits``: per-sample outcomes (``zs_<task>``, ``i2t_R@1``, ``t2i_R@1``) that give
-    the drops' standard errors). Without ``corpus_metrics`` BLEU-4 and CIDEr-D are skipped."""
+    reference; ``hits``: per-sample outcomes (``zs_<task>``, ``i2t_R@1``, ``t2i_R@1``, and per
+    caption ``hallucinated`` / ``mentions``) that give the drops' standard errors). Without ``corpus_metrics`` BLEU-4 and CIDEr-D are skipped."""
     from ..data import score_captions
     from ..data.metrics import bleu4, cider_d
+    from ..data.tasks import score_caption
 
     metrics, tasks, preds, hits = {}, {}, {}, {}
     text_row = {t: i for i, t in enumerate(texts)}
@@ -457,8 +460,11 @@ def score_tasks(data: EvalData, texts: Sequence[str], out: ModelOutputs, corpus_
             caps["bleu4"] = metrics["bleu4"] = bleu4(out.captions, refs)
             caps["cider"] = metrics["cider"] = cider_d(out.captions, refs)
         if task.scenes is not None:
-            caps.update(score_captions(out.captions, list(task.scenes), refs))
+            counts = [score_caption(c, scene) for c, scene in zip(out.captions, task.scenes)]
+            caps.update(score_captions(out.captions, list(task.scenes), refs, counts=counts))
             metrics["hallucination_rate"] = caps["hallucination_rate"]
+            hits["hallucinated"] = np.array([c["hallucinated"] for c in counts], dtype=np.float64)
+            hits["mentions"] = np.array([c["mentions"] for c in counts], dtype=np.float64)
         tasks["captioning"] = caps
     return {"metrics": metrics, "tasks": tasks, "preds": preds, "hits": hits}
 
@@ -486,6 +492,28 @@ def _drop_standard_errors(ref_hits: Mapping[str, np.ndarray], hits: Mapping[str,
         if keys:
             out[f"{drop}_se"] = _paired_drop_se([ref_hits[k] for k in keys], [hits[k] for k in keys])
     return out
+
+
+def _ratio_increase_se(ref_hits: Mapping[str, np.ndarray], hits: Mapping[str, np.ndarray],
+                       num: str, den: str) -> float:
+    """Standard error, in points, of ``sum(num) / sum(den)`` (candidate) minus the same ratio
+    for the reference, paired on the same samples (both captioned the same images): each
+    ratio linearised around its value (delta method), ``z_i = (num_i - R den_i) / mean(den)``,
+    and the paired differences of ``z`` give the variance. NaN when the samples differ or
+    either side mentions nothing."""
+    if any(k not in ref_hits or k not in hits for k in (num, den)) or len(ref_hits[num]) != len(hits[num]):
+        return math.nan
+    n = len(hits[num])
+    if n < 2:
+        return math.nan
+    z = []
+    for side in (hits, ref_hits):
+        a, b = side[num].astype(np.float64), side[den].astype(np.float64)
+        if b.sum() <= 0:
+            return math.nan
+        z.append((a - a.sum() / b.sum() * b) / b.mean())
+    d = z[0] - z[1]
+    return 100.0 * float(d.std(ddof=1)) / math.sqrt(n)
 
 
 def _proportion_se(p: float, n: int) -> float:

@@ -118,6 +118,55 @@ def test_drop_standard_errors_hand_computed():
     assert _proportion_se(0.9, 100) == pytest.approx(0.03)
 
 
+def test_hallucination_increase_se_matches_a_paired_bootstrap():
+    """The delta-method standard error of (candidate - reference) hallucination rate, paired
+    on the same captions, against the spread of that increase over paired resamples."""
+    from coca_edge.validate.validator import _ratio_increase_se
+
+    rng = np.random.default_rng(0)
+    n = 400
+    mentions = rng.integers(1, 4, n).astype(float)
+    ref_h = rng.binomial(mentions.astype(int), 0.25).astype(float)
+    cand_h = ref_h.copy()
+    flip = rng.random(n) < 0.15  # the candidate changes 15% of captions, both ways
+    cand_h[flip] = rng.binomial(mentions[flip].astype(int), 0.3)
+    cand_m = mentions.copy()
+    cand_m[np.flatnonzero(flip)[:10]] += 1  # and mentions one more object in a few of them
+    ref = {"hallucinated": ref_h, "mentions": mentions}
+    cand = {"hallucinated": cand_h, "mentions": cand_m}
+    se = _ratio_increase_se(ref, cand, "hallucinated", "mentions")
+    boot = []
+    for _ in range(2000):
+        i = rng.integers(0, n, n)
+        boot.append(100 * (cand_h[i].sum() / cand_m[i].sum() - ref_h[i].sum() / mentions[i].sum()))
+    assert se == pytest.approx(float(np.std(boot)), rel=0.05)
+    assert _ratio_increase_se(ref, ref, "hallucinated", "mentions") == 0.0
+    short = {k: v[:10] for k, v in cand.items()}
+    assert math.isnan(_ratio_increase_se(ref, short, "hallucinated", "mentions"))
+    silent = {"hallucinated": np.zeros(n), "mentions": np.zeros(n)}
+    assert math.isnan(_ratio_increase_se(ref, silent, "hallucinated", "mentions"))
+    assert math.isnan(_ratio_increase_se(ref, {}, "hallucinated", "mentions"))
+
+
+def test_score_tasks_records_per_caption_hallucination_counts():
+    from coca_edge.data import CaptionTask, SyntheticScenes
+    from coca_edge.data.tasks import reference_captions, score_caption
+
+    ds = SyntheticScenes("val", length=6)
+    scenes = tuple(ds.scene(i) for i in range(6))
+    task = CaptionTask("captioning", [ds[i] for i in range(6)], tuple(tuple(reference_captions(s)) for s in scenes),
+                       scenes)
+    data = EvalData("hand", np.zeros((6, 3, 2, 2), np.float32), captioning=BoundTask(task, np.arange(6)))
+    captions = [ds.caption(i) for i in range(5)] + ["a big red star and a small blue circle"]
+    scores = score_tasks(data, data.texts, ModelOutputs(np.zeros((6, 2)), np.zeros((0, 2)), [], captions),
+                         corpus_metrics=False)
+    h, m = scores["hits"]["hallucinated"], scores["hits"]["mentions"]
+    assert h.tolist() == [score_caption(c, sc)["hallucinated"] for c, sc in zip(captions, scenes)]
+    assert m.tolist() == [score_caption(c, sc)["mentions"] for c, sc in zip(captions, scenes)]
+    assert h[:5].sum() == 0 and h[5] > 0  # the generator's own captions are right, the made-up one is not
+    assert scores["metrics"]["hallucination_rate"] == pytest.approx(h.sum() / m.sum())
+
+
 def test_confidence_gates_fail_only_on_violations_beyond_the_noise(tmp_path):
     spec = {"gates": {"retrieval_R@1_drop": "<= 0.5", "caption_exact_match": ">= 0.9",
                       "embed_cosine_min": ">= 0.99"}}
