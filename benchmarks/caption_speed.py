@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import describe, machine_info
 
 
 def _seconds(fn, repeats: int = 1) -> float:
@@ -173,8 +174,9 @@ def main() -> None:
     bandwidth = _copy_bandwidth()
     bound = streamed / bandwidth
 
+    machine = machine_info()
     print(f"\ncaptioning, {args.preset}, {n} new tokens forced, {args.threads} threads, "
-          f"median of {args.runs} interleaved runs")
+          f"median of {args.runs} interleaved runs; {describe(machine)}")
     print(f"{'implementation':<42}" + "".join(f"{'batch ' + str(b) + ' tok/s':>18}" for b in results))
     for name in next(iter(results.values()))["median_s"]:
         print(f"{name:<42}" + "".join(f"{results[b]['tokens_per_s'][name]:>18.1f}" for b in results))
@@ -195,6 +197,7 @@ def main() -> None:
           f"step / bound = {step / bound:.2f}x")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"preset": args.preset, "tokens": n, "threads": args.threads,
+                                           "machine": machine,
                                            "batches": results, "decode_step_s": step,
                                            "weights_streamed_bytes": streamed, "copy_bandwidth_Bps": bandwidth,
                                            "bound_s": bound}, indent=2, default=str))

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+from machine import describe, machine_info  # noqa: E402
 from quantize import _inputs  # noqa: E402  (same real feeds as benchmarks/quantize.py)
 
 
@@ -120,7 +121,8 @@ def main() -> None:
     paths = (Bundle.load(fp32, verify_hashes=False).graph_path("decoder"), dec8, u8_path)
     runners = {n: OrtRunner(p, threads=args.threads, name=n) for n, p in zip(names, paths)}
     results = {"preset_model": args.preset_model, "past": args.past, "threads": args.threads,
-               "measured": time.strftime("%Y-%m-%d"), "batches": {}}
+               "machine": machine_info(), "batches": {}}
+    print(describe(results["machine"]))
     for b in (int(x) for x in args.batches.split(",")):
         feed = _inputs(fp32, b, args.past, args.threads)["decoder"]
         u8 = {k: v for k, v in feed.items() if k not in cross}

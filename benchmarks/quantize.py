@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import describe, machine_info
 
 GRAPHS = ("image_encoder", "text_encoder", "cross_kv", "decoder")
 
@@ -167,7 +168,8 @@ def main() -> None:
     torch_ms = _torch_image_encoder_ms(args.preset_model, args.seed, feeds[batches[0]]["image_encoder"]["pixel_values"],
                                        args.runs, args.threads)
 
-    print(f"\n{args.preset_model}, {args.threads} threads, medians of {args.runs} interleaved runs; "
+    print(f"\n{describe(machine_info())}")
+    print(f"{args.preset_model}, {args.threads} threads, medians of {args.runs} interleaved runs; "
           f"decoder = one step at past {args.past}; drift on batch {batches[-1]} vs FP32")
     head = f"{'variant':<22}{'graph':<15}{'MB':>8}{'x FP32':>8}" + "".join(
         f"{'b' + str(b) + ' ms':>10}{'speedup':>9}" for b in batches) + f"{'cos min':>10}{'SQNR dB':>9}"
@@ -194,6 +196,7 @@ def main() -> None:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({
         "preset_model": args.preset_model, "threads": args.threads, "runs": args.runs, "past": args.past,
+        "machine": machine_info(),
         "bytes": sizes, "median_ms": med, "drift_vs_fp32": drift, "all_s": times,
         "torch_fp32_image_encoder_ms": torch_ms}, indent=2, default=str))
     print(f"wrote {args.json}")
