@@ -16,7 +16,6 @@ Results go to ``benchmarks/results/cache_layout.json``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -28,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import describe, machine_info  # noqa: E402
+from step_bench import fp32_and_int8_bundles, step_args  # noqa: E402
 from quantize import _inputs  # noqa: E402  (same real feeds as benchmarks/quantize.py)
 
 
@@ -104,35 +104,14 @@ def per_layer(src: Path, dst: Path) -> list[tuple[str, int, int, str, str]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset-model", default="coca_ViT-B-32", help="architecture preset (test-tiny to smoke-test)")
-    ap.add_argument("--work", help="folder for the FP32 / INT8 bundles (reused when present; default: a temp dir)")
-    ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--past", type=int, default=15)
-    ap.add_argument("--runs", type=int, default=15, help="interleaved timing runs per variant and batch")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", default="benchmarks/results/cache_layout.json")
-    args = ap.parse_args()
+    args = step_args(__doc__, "benchmarks/results/cache_layout.json")
 
-    from coca_edge.quantize import quantize
-    from coca_edge.quantize.presets import preset_plan
     from coca_edge.runtime.bundle import Bundle
     from coca_edge.runtime.runners import OrtRunner
 
     tmp = tempfile.TemporaryDirectory(prefix="coca-edge-cache-")
-    work = Path(args.work or tmp.name)
-    fp32, int8 = work / "fp32", work / "int8"
-    if not (fp32 / "manifest.json").exists():
-        import torch
-
-        from coca_edge.exporters.bundle import export_bundle
-        from coca_edge.models import CoCa, get_preset
-
-        torch.manual_seed(0)
-        export_bundle(CoCa(get_preset(args.preset_model)).eval(), fp32,
-                      source_model={"preset": args.preset_model, "weights": "random(seed=0)"})
-    if not (int8 / "manifest.json").exists():
-        quantize(fp32, preset_plan("cpu", "int8"), int8, None, progress=True)
+    fp32, int8 = fp32_and_int8_bundles(args.preset_model, Path(args.work or tmp.name))
+    work = fp32.parent
     graphs = {}
     for label, bundle in (("FP32", fp32), ("INT8", int8)):
         src = Bundle.load(bundle, verify_hashes=False).graph_path("decoder")
