@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+from decode_levers import quantize_u8  # noqa: E402
 from machine import describe, machine_info  # noqa: E402
 from step_bench import fp32_and_int8_bundles, step_args  # noqa: E402
 from quantize import _inputs  # noqa: E402  (same real feeds as benchmarks/quantize.py)
@@ -73,15 +74,6 @@ def uint8_cross_decoder(decoder: Path, out: Path) -> tuple[Path, list[str]]:
     graph.input.extend(extra)
     onnx.save(model, str(out), save_as_external_data=True, location=out.name + ".data")
     return out, sorted(cross)
-
-
-def quantize_u8(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Asymmetric uint8 over the whole tensor (range widened to hold 0): values, scale, zero point."""
-    lo, hi = min(float(a.min()), 0.0), max(float(a.max()), 0.0)
-    scale = (hi - lo) / 255.0 or 1.0
-    zero = int(np.clip(round(-lo / scale), 0, 255))
-    return (np.clip(np.round(a / scale) + zero, 0, 255).astype(np.uint8), np.array(scale, np.float32),
-            np.array(zero, np.uint8))
 
 
 def main() -> None:

@@ -396,10 +396,10 @@ CROSS_KINDS = ("K @ q^T (shipped)", "q @ K^T, K stored [B,H,D,N]", "K @ q^T and 
                "contrib MultiHeadAttention", INT8_KIND, "absorbed (shared normalised tokens)")
 
 
-def _quantize_u8(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def quantize_u8(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Asymmetric uint8 over the whole tensor (range widened to hold 0): values, scale, zero point."""
     lo, hi = min(float(a.min()), 0.0), max(float(a.max()), 0.0)
-    scale = (hi - lo) / 255.0
+    scale = (hi - lo) / 255.0 or 1.0
     zero = int(np.clip(round(-lo / scale), 0, 255))
     q = np.clip(np.round(a / scale) + zero, 0, 255).astype(np.uint8)
     return q, np.array(scale, np.float32), np.array(zero, np.uint8)
@@ -421,8 +421,8 @@ def section_cross(args, tmp: Path) -> dict:
         else:
             for i in range(layers):
                 if kind == INT8_KIND:
-                    feed[f"k{i}"], feed[f"ks{i}"], feed[f"kz{i}"] = _quantize_u8(keys[i])
-                    feed[f"v{i}"], feed[f"vs{i}"], feed[f"vz{i}"] = _quantize_u8(values[i])
+                    feed[f"k{i}"], feed[f"ks{i}"], feed[f"kz{i}"] = quantize_u8(keys[i])
+                    feed[f"v{i}"], feed[f"vs{i}"], feed[f"vz{i}"] = quantize_u8(values[i])
                     continue
                 kt = kind in ("q @ K^T, K stored [B,H,D,N]", "q @ K^T and V^T @ p^T")
                 vt = kind in ("K @ q^T and V^T @ p^T", "q @ K^T and V^T @ p^T")

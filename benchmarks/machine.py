@@ -13,18 +13,18 @@ _FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx5
 
 
 def machine_info() -> dict:
-    model, flags = platform.processor() or platform.machine(), set()
+    model, flags = None, set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
             key = key.strip()
-            if key in ("model name", "Model") and model in ("", platform.machine(), platform.processor()):
+            if key in ("model name", "Model") and model is None:
                 model = value.strip()
             elif key in ("flags", "Features"):
                 flags.update(value.split())
     except OSError:
         pass
-    return {"cpu": model, "cores": os.cpu_count(), "isa": [f for f in _FLAGS if f in flags],
+    return {"cpu": model or platform.processor() or platform.machine(), "cores": os.cpu_count(), "isa": [f for f in _FLAGS if f in flags],
             "date": time.strftime("%Y-%m-%d")}
 
 

@@ -413,7 +413,8 @@ def score_tasks(data: EvalData, texts: Sequence[str], out: ModelOutputs, corpus_
     """Absolute task metrics of one model's outputs: ``{"metrics", "tasks", "preds", "hits"}``
     (``preds``: per zero-shot task the predicted class per image, for agreement with the
     reference; ``hits``: per-sample outcomes (``zs_<task>``, ``i2t_R@1``, ``t2i_R@1``, and per
-    caption ``hallucinated`` / ``mentions``) that give the drops' standard errors). Without ``corpus_metrics`` BLEU-4 and CIDEr-D are skipped."""
+    caption ``hallucinated`` / ``mentions``) that give the drops' standard errors). Without
+    ``corpus_metrics`` BLEU-4 and CIDEr-D are skipped."""
     from ..data import score_captions
     from ..data.metrics import bleu4, cider_d
     from ..data.tasks import score_caption
