@@ -1,18 +1,18 @@
-"""Would per-layer KV-cache inputs and outputs make the decode step faster? (not a test)
+"""Per-layer vs stacked KV-cache I/O of the decode step (not a test).
 
     python benchmarks/cache_layout.py                  # coca_ViT-B-32, random weights
     python benchmarks/cache_layout.py --work DIR       # keep / reuse the bundles in DIR
 
-The exported decoder takes each tower's cache stacked, ``past_text [L, 2, B, H, past, D]``,
-and returns it stacked: inside the graph every layer's K and V are cut out of it (ORT: a
-``Split`` and ``Squeeze`` copy) and after the ``Concat(past, new)`` stacked back
-(``Unsqueeze`` + two ``Concat``s copy the whole cache again). An ORT profile of the INT8 step
-at batch 8 (past 15) spends ~21% of its kernel time in those four ops. This rewrites the
-shipped FP32 and INT8 (``cpu`` preset) decoders to take and return one tensor per layer,
-K and V (the runtime would hold a list of arrays instead of two stacked ones), checks the
-outputs are identical, and times one step against the shipped graphs, medians of
-interleaved runs, same feeds. An experiment: not what ``coca-edge export`` writes.
-Results go to ``benchmarks/results/cache_layout.json``.
+``coca-edge export`` writes the decoder with one cache tensor per layer and K / V
+(``past_text_k_0 [B, H, past, D]`` ... in, ``present_*`` out). Bundles exported before took each
+tower's cache stacked (``past_text [L, 2, B, H, past, D]``): inside the graph every layer's K
+and V were cut out of it (ORT: ``Gather`` / ``Split`` / ``Squeeze`` copies) and after the
+``Concat(past, new)`` stacked back (``Unsqueeze`` + ``Concat`` copy the whole cache again);
+an ORT profile of that INT8 step at batch 8 spent ~21% of its kernel time there. This exports
+the same weights both ways (``export_bundle(cache_layout=...)``), FP32 and INT8 (``cpu``
+preset), checks that logits and caches are identical, and times one step, medians of
+interleaved runs, same feeds; then captions 30 forced tokens with each bundle (medians of
+``--caption-runs`` interleaved runs). Results go to ``benchmarks/results/cache_layout.json``.
 """
 from __future__ import annotations
 
@@ -31,130 +31,80 @@ from step_bench import fp32_and_int8_bundles, step_args  # noqa: E402
 from quantize import _inputs  # noqa: E402  (same real feeds as benchmarks/quantize.py)
 
 
-def per_layer(src: Path, dst: Path) -> list[tuple[str, int, int, str, str]]:
-    """``src`` with ``past_text`` / ``past_decoder`` replaced by per-layer inputs
-    ``past_<tower>_<k|v>_<layer>`` ``[batch, heads, past, head_dim]`` and the stacked presents by
-    ``present_<tower>_<k|v>_<layer>`` (each layer's ``Concat(past, new)`` output): no layer
-    ``Gather`` / ``Split`` in, no ``Unsqueeze`` + ``Concat`` stacking out. Returns
-    ``(stacked input, layer, 0 for K / 1 for V, new input, new output)`` per cache tensor."""
-    import onnx
-    from onnx import TensorProto as TP
-    from onnx import helper as oh
-    from onnx import numpy_helper as nh
+def caption_times(bundles: dict[str, Path], args) -> dict:
+    """Whole captioning, 30 forced new tokens, per bundle: tokens/s and per-layer vs stacked."""
+    from coca_edge.data import SyntheticScenes
+    from coca_edge.runtime import EdgeCoCa
 
-    m = onnx.load(str(src))
-    g = m.graph
-    cons = {}
-    for n in g.node:
-        for i in n.input:
-            cons.setdefault(i, []).append(n)
-    ints = {i.name: int(nh.to_array(i)) for i in g.initializer if i.data_type == TP.INT64 and len(i.dims) == 0}
-    rename, rename_in, new_in, new_out, names = {}, {}, [], [], []
-    for past in ("past_text", "past_decoder"):
-        tag = past.split("_")[1]
-        for g1 in [n for n in cons[past] if n.op_type == "Gather"]:
-            layer = ints[g1.input[1]]
-            for g2 in cons[g1.output[0]]:
-                if g2.op_type != "Gather":
-                    raise SystemExit(f"{src}: {past} layer {layer} is read by {g2.op_type}, expected Gather")
-                kv = "kv"[ints[g2.input[1]]]
-                name = f"past_{tag}_{kv}_{layer}"
-                rename_in[g2.output[0]] = name
-                new_in.append(oh.make_tensor_value_info(name, TP.FLOAT, ["batch", "heads", "past", "head_dim"]))
-                cat = [c for c in cons[g2.output[0]] if c.op_type == "Concat"]
-                if len(cat) != 1:
-                    raise SystemExit(f"{src}: {name}: expected one Concat(past, new)")
-                out = f"present_{tag}_{kv}_{layer}"
-                rename[cat[0].output[0]] = out
-                new_out.append(oh.make_tensor_value_info(out, TP.FLOAT, ["batch", "heads", "total", "head_dim"]))
-                names.append((past, layer, "kv".index(kv), name, out))
-    for n in g.node:
-        n.input[:] = [rename_in.get(x, rename.get(x, x)) for x in n.input]
-        n.output[:] = [rename.get(x, x) for x in n.output]
-    for n in g.node:  # the past length, read from the stacked cache's axis 4: axis 2 of layer 0's K
-        if n.op_type == "Shape" and n.input[0] in ("past_text", "past_decoder"):
-            n.input[0] = f"past_{n.input[0].split('_')[1]}_k_0"
-            for a in n.attribute:
-                a.i -= 2
-    keep_out = [o for o in g.output if not o.name.startswith("present_")]
-    del g.output[:]
-    g.output.extend(keep_out + new_out)
-    # drop the nodes that fed only the stacked presents (and the layer Gathers)
-    prod = {o: n for n in g.node for o in n.output}
-    need, stack = set(), [o.name for o in g.output]
-    while stack:
-        x = stack.pop()
-        n = prod.get(x)
-        if n is None or id(n) in need:
-            continue
-        need.add(id(n))
-        stack.extend(i for i in n.input if i)
-    nodes = [n for n in g.node if id(n) in need]
-    del g.node[:]
-    g.node.extend(nodes)
-    ins = [i for i in g.input if i.name not in ("past_text", "past_decoder")]
-    used = {i for n in g.node for i in n.input}
-    for p in ("past_text", "past_decoder"):
-        if p in used:
-            raise SystemExit(f"{src}: {p} is still read after the rewrite")
-    del g.input[:]
-    g.input.extend(ins + new_in)
-    onnx.save(m, str(dst), save_as_external_data=True, location=dst.name + ".data")
-    return names
+    edges = {n: EdgeCoCa.load(b, threads=args.threads, verify_hashes=False) for n, b in bundles.items()}
+    out = {}
+    for b in (int(x) for x in args.batches.split(",")):
+        images = list(SyntheticScenes("val").batch(range(b))[0])
+        run = {n: (lambda e=e: e.caption_ids(images, max_new_tokens=30, min_new_tokens=30, batch_size=b))
+               for n, e in edges.items()}
+        tokens = {n: f().sequences for n, f in run.items()}  # warm-up
+        times = {n: [] for n in run}
+        for _ in range(args.caption_runs):
+            for n, f in run.items():
+                t = time.perf_counter()
+                f()
+                times[n].append(time.perf_counter() - t)
+        med = {n: statistics.median(v) for n, v in times.items()}
+        print(f"\ncaptioning, batch {b}, 30 forced tokens, medians of {args.caption_runs} interleaved runs")
+        for n, v in med.items():
+            print(f"  {n:<20}{b * 30 / v:8.1f} tok/s")
+        for p in ("FP32", "INT8"):
+            same = tokens[f"{p} per-layer"] == tokens[f"{p} stacked"]
+            print(f"  {p}: per-layer vs stacked {med[p + ' stacked'] / med[p + ' per-layer']:.2f}x, tokens identical: {same}")
+        out[str(b)] = {"median_s": med, "all_s": times}
+    return out
 
 
 def main() -> None:
     args = step_args(__doc__, "benchmarks/results/cache_layout.json")
 
-    from coca_edge.runtime.bundle import Bundle
-    from coca_edge.runtime.runners import OrtRunner
+    from coca_edge.runtime import EdgeCoCa
+    from coca_edge.runtime.generation import fit_cache_feed
 
     tmp = tempfile.TemporaryDirectory(prefix="coca-edge-cache-")
-    fp32, int8 = fp32_and_int8_bundles(args.preset_model, Path(args.work or tmp.name))
-    work = fp32.parent
-    graphs = {}
-    for label, bundle in (("FP32", fp32), ("INT8", int8)):
-        src = Bundle.load(bundle, verify_hashes=False).graph_path("decoder")
-        dst = work / f"decoder_per_layer_{label.lower()}.onnx"
-        graphs[label] = (src, dst, per_layer(src, dst))
+    work = Path(args.work or tmp.name)
+    bundles = {}
+    for layout in ("per-layer", "stacked"):
+        fp32, int8 = fp32_and_int8_bundles(args.preset_model, work, cache_layout=layout)
+        bundles[f"FP32 {layout}"], bundles[f"INT8 {layout}"] = fp32, int8
 
     machine = machine_info()
     print(describe(machine))
     results = {"preset_model": args.preset_model, "past": args.past, "threads": args.threads, "machine": machine,
                "batches": {}}
     for b in (int(x) for x in args.batches.split(",")):
-        feed = _inputs(fp32, b, args.past, args.threads)["decoder"]
-        runners, feeds, diffs = {}, {}, {}
-        for label, (src, dst, names) in graphs.items():
-            per = {k: v for k, v in feed.items() if not k.startswith("past_")}
-            for past, layer, kv, name, _ in names:
-                per[name] = feed[past][layer, kv]  # a contiguous view: no copy
-            shipped, rewritten = OrtRunner(src, threads=args.threads, name=src.name), OrtRunner(dst, threads=args.threads,
-                                                                                             name=dst.name)
-            a, c = shipped.run(feed), rewritten.run(per)
-            present = {"past_text": "present_text", "past_decoder": "present_decoder"}
-            diffs[label] = max([float(np.abs(a["logits"] - c["logits"]).max())]
-                               + [float(np.abs(a[present[p]][layer, kv] - c[out]).max())
-                                  for p, layer, kv, _, out in names])
-            runners[f"{label} stacked cache (shipped)"], feeds[f"{label} stacked cache (shipped)"] = shipped, feed
-            runners[f"{label} per-layer cache"], feeds[f"{label} per-layer cache"] = rewritten, per
+        feed = _inputs(bundles["FP32 per-layer"], b, args.past, args.threads)["decoder"]
+        runners, feeds, outs = {}, {}, {}
+        for name, bundle in bundles.items():
+            edge = EdgeCoCa.load(bundle, threads=args.threads, verify_hashes=False)
+            runners[name] = edge.runners["decoder"]
+            feeds[name] = fit_cache_feed(feed, runners[name].input_names)
+            out = runners[name].run(feeds[name])
+            outs[name] = (out["logits"], *edge.layout.stack_past(edge.layout.next_past(out)))
+        diffs = {p: max(float(np.abs(a - c).max()) for a, c in zip(outs[f"{p} per-layer"], outs[f"{p} stacked"]))
+                 for p in ("FP32", "INT8")}
         times = {n: [] for n in runners}
-        for n, r in runners.items():
-            r.run(feeds[n])  # warm-up
         for _ in range(args.runs):
             for n, r in runners.items():  # interleaved: machine noise hits every variant alike
                 t = time.perf_counter()
                 r.run(feeds[n])
                 times[n].append(time.perf_counter() - t)
         med = {n: statistics.median(v) * 1e3 for n, v in times.items()}
-        base = med["FP32 stacked cache (shipped)"]
+        base = med["FP32 stacked"]
         print(f"\nbatch {b}, one step at past {args.past}, medians of {args.runs} interleaved runs")
         for n, v in med.items():
-            print(f"  {n:<30}{v:8.2f} ms  {base / v:5.2f}x FP32 shipped")
-        for label in graphs:
-            print(f"  {label}: per-layer vs stacked {med[label + ' stacked cache (shipped)'] / med[label + ' per-layer cache']:.2f}x,"
-                  f" outputs max |diff| {diffs[label]:.1e}")
+            print(f"  {n:<20}{v:8.2f} ms  {base / v:5.2f}x FP32 stacked")
+        for p in ("FP32", "INT8"):
+            print(f"  {p}: per-layer vs stacked {med[p + ' stacked'] / med[p + ' per-layer']:.2f}x, "
+                  f"logits + caches max |diff| {diffs[p]:.1e}")
+        print(f"  INT8 vs FP32, per-layer: {med['FP32 per-layer'] / med['INT8 per-layer']:.2f}x")
         results["batches"][str(b)] = {"median_ms": med, "max_abs_diff": diffs}
+    results["captioning"] = caption_times(bundles, args)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"\nwrote {args.json}")

@@ -166,7 +166,7 @@ def main() -> None:
     cross = runtime.cross_kv(np.zeros((1, 3, size, size), np.float32))
     past = layout.empty_past(1)
     out = decoder.run(decoder_feed(np.full((1, 15), 320, np.int64), past, cross))
-    feed = decoder_feed(np.full((1, 1), 320, np.int64), (out["present_text"], out["present_decoder"]), cross)
+    feed = decoder_feed(np.full((1, 1), 320, np.int64), layout.next_past(out), cross)
     for _ in range(3):
         decoder.run(feed)
     step = statistics.median(_seconds(lambda: decoder.run(feed)) for _ in range(30))

@@ -97,7 +97,7 @@ def _variant_modules():
     import torch.nn.functional as F
     from torch import nn
 
-    from coca_edge.models.coca import _merge_heads, _step_mask
+    from coca_edge.models.coca import _merge_heads, _step_mask, stack_layers
 
     class Absorbed(nn.Module):
         """Cross-attention with K/V projections absorbed (exact: the dropped terms are constant
@@ -137,7 +137,7 @@ def _variant_modules():
                 o = torch.matmul(ctx, self.av[i]).transpose(0, 1).reshape(bsz, s, h * d) + self.c[i]
                 x = x + xb.out(o)
                 x = x + xb.mlp(xb.ln_2(x))
-            return m.decoder.ln_final(x) @ m.decoder.head, present_text, torch.stack(present)
+            return m.decoder.ln_final(x) @ m.decoder.head, stack_layers(present_text), torch.stack(present)
 
     def attend_buffer(attn, x, past_k, past_v, n_valid):
         b, s, w = x.shape

@@ -59,7 +59,7 @@ def _inputs(bundle: Path, batch: int, past: int, threads: int) -> dict[str, dict
     ids = np.array([[edge.layout.sot_token_id, *s[:past - 1]] for s in seqs], np.int64)
     out = edge.runners["decoder"].run(decoder_feed(ids, edge.layout.empty_past(batch), cross))
     step = decoder_feed(np.array([[s[past - 1]] for s in seqs], np.int64),
-                        (out["present_text"], out["present_decoder"]), cross)
+                        edge.layout.next_past(out), cross)
     return {"image_encoder": {"pixel_values": pixels},
             "text_encoder": {"input_ids": edge.tokenizer(captions, context_length=edge.layout.context_length)},
             "cross_kv": {"image_tokens": tokens},

@@ -34,8 +34,11 @@ def bundle_config(model: CoCa) -> dict[str, Any]:
 def export_bundle(model: CoCa, out_dir: str | os.PathLike, source_model: dict[str, Any] | None = None,
                   graphs: Sequence[str] = GRAPH_NAMES, opset: int = DEFAULT_OPSET, exporter: str = "dynamo",
                   fuse_cross_kv: bool = False, validate: bool = True, overwrite: bool = False,
-                  progress: bool = True) -> Path:
-    """Export graphs, config, tokenizer and manifest; the bundle appears only when complete."""
+                  progress: bool = True, cache_layout: str = "per-layer") -> Path:
+    """Export graphs, config, tokenizer and manifest; the bundle appears only when complete.
+
+    ``cache_layout="stacked"`` writes the decoder with the stacked cache I/O of bundles made
+    before per-layer caches (for comparisons and compatibility tests; slower)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; choose another --out or pass --overwrite")
@@ -45,7 +48,8 @@ def export_bundle(model: CoCa, out_dir: str | os.PathLike, source_model: dict[st
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
         results = export_onnx(model, staging, graphs=graphs, opset=opset, exporter=exporter,
-                              fuse_cross_kv=fuse_cross_kv, validate=validate, progress=progress)
+                              fuse_cross_kv=fuse_cross_kv, validate=validate, progress=progress,
+                              cache_layout=cache_layout)
         (staging / CONFIG).write_text(json.dumps(bundle_config(model), indent=2))
         Tokenizer(context_length=model.config.context_length).save(staging)
         manifest_graphs = {}

@@ -24,7 +24,7 @@ import torch
 
 from coca_edge.models import CoCa
 
-from .specs import GRAPH_NAMES, GraphSpec, graph_specs, split_cross
+from .specs import GRAPH_NAMES, GraphSpec, graph_specs, past_feed, split_cross
 
 __all__ = ["ExportError", "GraphMismatchError", "export_onnx", "validate_graph", "VALIDATION_CASES",
            "DEFAULT_OPSET", "compare_outputs"]
@@ -193,7 +193,7 @@ def validation_inputs(model: CoCa, spec: GraphSpec, batch: int, seq: int, past: 
                 prefix = torch.randint(1, model.config.sot_token_id, (batch, past),
                                        generator=torch.Generator().manual_seed(seed + 1))
                 _, cache = model.decode_step(prefix, cache)
-        feed = {"input_ids": feed["input_ids"], "past_text": cache.text, "past_decoder": cache.decoder,
+        feed = {"input_ids": feed["input_ids"], **past_feed(cache.text, cache.decoder, "past_text" in spec.input_names),
                 **split_cross(cache.cross, model.config.decoder.layers)}
     elif spec.name == "cross_kv":
         with torch.no_grad():
@@ -228,7 +228,7 @@ def validate_graph(path: Path, spec: GraphSpec, model: CoCa,
 
 def export_onnx(model: CoCa, out_dir: str | os.PathLike, graphs: Sequence[str] = GRAPH_NAMES,
                 opset: int = DEFAULT_OPSET, exporter: str = "dynamo", fuse_cross_kv: bool = False,
-                validate: bool = True, progress: bool = True) -> dict[str, dict]:
+                validate: bool = True, progress: bool = True, cache_layout: str = "per-layer") -> dict[str, dict]:
     """Export ``graphs`` of ``model`` to ``out_dir/<graph>.onnx``; returns per graph its files and validation."""
     unknown = [g for g in graphs if g not in GRAPH_NAMES]
     if unknown:
@@ -236,7 +236,7 @@ def export_onnx(model: CoCa, out_dir: str | os.PathLike, graphs: Sequence[str] =
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = model.float().eval()
-    specs = graph_specs(model.config, fuse_cross_kv=fuse_cross_kv)
+    specs = graph_specs(model.config, fuse_cross_kv=fuse_cross_kv, cache_layout=cache_layout)
     results: dict[str, dict] = {}
     from tqdm.auto import tqdm
 

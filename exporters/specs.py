@@ -15,11 +15,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from coca_edge.models import CoCa, CoCaConfig
+from coca_edge.models.coca import stack_layers
+from coca_edge.runtime.generation import cache_names
 
-__all__ = ["TensorSpec", "GraphSpec", "GRAPH_NAMES", "graph_specs", "get_spec", "cross_input_names",
-           "split_cross"]
+__all__ = ["TensorSpec", "GraphSpec", "GRAPH_NAMES", "CACHE_LAYOUTS", "graph_specs", "get_spec",
+           "cross_input_names", "split_cross", "past_feed"]
 
 GRAPH_NAMES = ("image_encoder", "text_encoder", "cross_kv", "decoder")
+# The decoder's self-attention cache I/O: one tensor per layer and K / V (the default), or the
+# stacked [layers, 2, batch, heads, past, head_dim] per tower of bundles exported before it
+# (still loaded and run; exported only for comparison: benchmarks/cache_layout.py).
+CACHE_LAYOUTS = ("per-layer", "stacked")
 
 
 @dataclass(frozen=True)
@@ -152,17 +158,34 @@ class _TextEncoder(nn.Module):
         return self.model.encode_text(input_ids)[0]
 
 
-class _Decoder(nn.Module):
-    """Cross-attention K/V arrive as separate per-layer inputs: slicing one stacked input in
-    the graph would copy all of it (Split) on every step - measured 27% of a batch-8 step."""
+def _pairs(flat) -> list:
+    return [(flat[2 * i], flat[2 * i + 1]) for i in range(len(flat) // 2)]
 
-    def __init__(self, model: CoCa):
+
+class _Decoder(nn.Module):
+    """Caches and cross-attention K/V arrive as separate per-layer K and V inputs, and the
+    presents leave the same way: slicing one stacked input in the graph would copy all of it
+    (Split) on every step - measured 27% of a batch-8 step for the cross K/V - and stacking the
+    presents back costs a Concat (the self-attention caches: 1.14x on the INT8 batch-8 step,
+    ``benchmarks/cache_layout.py``). ``stacked=True`` is the earlier stacked cache I/O."""
+
+    def __init__(self, model: CoCa, stacked: bool = False):
         super().__init__()
         self.model = model
+        self.stacked = stacked
+        self.text_layers = model.config.text.layers
+        self.decoder_layers = model.config.decoder.layers
 
-    def forward(self, input_ids, past_text, past_decoder, *cross):
-        pairs = [(cross[2 * i], cross[2 * i + 1]) for i in range(len(cross) // 2)]
-        return self.model.decode_tensors(input_ids, past_text, past_decoder, pairs)
+    def forward(self, input_ids, *flat):
+        if self.stacked:
+            past_text, past_decoder, cross = flat[0], flat[1], flat[2:]
+        else:
+            t, d = 2 * self.text_layers, 2 * self.decoder_layers
+            past_text, past_decoder, cross = _pairs(flat[:t]), _pairs(flat[t:t + d]), flat[t + d:]
+        logits, text, dec = self.model.decode_layers(input_ids, past_text, past_decoder, _pairs(cross))
+        if self.stacked:
+            return logits, stack_layers(text), stack_layers(dec)
+        return (logits, *[x for kv in text for x in kv], *[x for kv in dec for x in kv])
 
 
 # Tolerances: ORT FP32 vs PyTorch FP32 differ by kernel summation order. Observed max-abs on
@@ -171,7 +194,22 @@ class _Decoder(nn.Module):
 _TOLERANCE = {"embed": 5e-5, "states": 1e-4, "logits": 1e-4}
 
 
-def graph_specs(config: CoCaConfig, fuse_cross_kv: bool = False) -> dict[str, GraphSpec]:
+def _cache_specs(config: CoCaConfig, stacked: bool) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """The decoder's cache inputs (``past``) and outputs (``present``)."""
+    towers = (("text", config.text), ("decoder", config.decoder))
+    if stacked:
+        return tuple(tuple(TensorSpec(f"{kind}_{tower}", "float32", (c.layers, 2, "batch", c.heads, axis, c.head_dim))
+                           for tower, c in towers) for kind, axis in (("past", "past"), ("present", "total")))
+    return tuple(tuple(TensorSpec(name, "float32", ("batch", c.heads, axis, c.head_dim))
+                       for tower, c in towers for name in cache_names(kind, tower, c.layers))
+                 for kind, axis in (("past", "past"), ("present", "total")))
+
+
+def graph_specs(config: CoCaConfig, fuse_cross_kv: bool = False, cache_layout: str = "per-layer") -> dict[str, GraphSpec]:
+    if cache_layout not in CACHE_LAYOUTS:
+        raise ValueError(f"cache_layout must be one of {', '.join(CACHE_LAYOUTS)}, got {cache_layout!r}")
+    stacked = cache_layout == "stacked"
+    past, present = _cache_specs(config, stacked)
     tc, dc, vc = config.text, config.decoder, config.vision
     n = vc.num_image_tokens
     cross = TensorSpec("cross_kv", "float32", (dc.layers, 2, "batch", dc.heads, n, dc.head_dim))
@@ -208,16 +246,10 @@ def graph_specs(config: CoCaConfig, fuse_cross_kv: bool = False) -> dict[str, Gr
         ),
         GraphSpec(
             "decoder",
-            (TensorSpec("input_ids", "int64", ("batch", "seq")),
-             TensorSpec("past_text", "float32", (tc.layers, 2, "batch", tc.heads, "past", tc.head_dim)),
-             TensorSpec("past_decoder", "float32", (dc.layers, 2, "batch", dc.heads, "past", dc.head_dim)),
-             *cross_per_layer),
-            (TensorSpec("logits", "float32", ("batch", "seq", config.vocab_size)),
-             TensorSpec("present_text", "float32", (tc.layers, 2, "batch", tc.heads, "total", tc.head_dim)),
-             TensorSpec("present_decoder", "float32", (dc.layers, 2, "batch", dc.heads, "total", dc.head_dim))),
-            _Decoder,
-            {"logits": _TOLERANCE["logits"], "present_text": _TOLERANCE["states"],
-             "present_decoder": _TOLERANCE["states"]},
+            (TensorSpec("input_ids", "int64", ("batch", "seq")), *past, *cross_per_layer),
+            (TensorSpec("logits", "float32", ("batch", "seq", config.vocab_size)), *present),
+            lambda m: _Decoder(m, stacked),
+            {"logits": _TOLERANCE["logits"], **{t.name: _TOLERANCE["states"] for t in present}},
         ),
     ]
     return {s.name: s for s in specs}
@@ -233,8 +265,20 @@ def split_cross(cross_kv, layers: int) -> dict:
     return {f"cross_{kv}_{i}": cross_kv[i, j] for i in range(layers) for j, kv in enumerate(("k", "v"))}
 
 
-def get_spec(config: CoCaConfig, name: str, fuse_cross_kv: bool = False) -> GraphSpec:
-    specs = graph_specs(config, fuse_cross_kv)
+def past_feed(text, decoder, stacked: bool = False) -> dict:
+    """Stacked ``[L, 2, B, H, past, D]`` caches (numpy or torch) -> the decoder's cache inputs
+    (per-layer views, no copy; or the stacked tensors themselves)."""
+    if stacked:
+        return {"past_text": text, "past_decoder": decoder}
+    feed = {}
+    for tower, cache in (("text", text), ("decoder", decoder)):
+        for i in range(cache.shape[0]):
+            feed[f"past_{tower}_k_{i}"], feed[f"past_{tower}_v_{i}"] = cache[i, 0], cache[i, 1]
+    return feed
+
+
+def get_spec(config: CoCaConfig, name: str, fuse_cross_kv: bool = False, cache_layout: str = "per-layer") -> GraphSpec:
+    specs = graph_specs(config, fuse_cross_kv, cache_layout)
     if name not in specs:
         raise ValueError(f"unknown graph {name!r}; graphs are {', '.join(GRAPH_NAMES)}")
     return specs[name]

@@ -5,13 +5,16 @@ mapping); the computation is written so that a single decode step - text tower a
 multimodal decoder over the new tokens only, attending to cached keys/values - can be
 exported as one graph.
 
-KV cache layout (one tensor per tower, used everywhere: torch, ONNX graphs, runtime)::
+KV cache layout. In PyTorch (``DecodeCache``) one tensor per tower::
 
     text     [text.layers,    2, batch, text.heads,    past, text.head_dim]
     decoder  [decoder.layers, 2, batch, decoder.heads, past, decoder.head_dim]
     cross    [decoder.layers, 2, batch, decoder.heads, num_image_tokens, decoder.head_dim]
 
-Index 0 of the second axis is K, index 1 is V. ``past`` may be 0 (first step).
+Index 0 of the second axis is K, index 1 is V. ``past`` may be 0 (first step). The exported
+decoder graph takes and returns the same cache one ``[batch, heads, past, head_dim]`` tensor
+per layer and K / V (``decode_layers``): slicing a stacked input and stacking the presents
+back cost 21% of an INT8 batch-8 step (docs/export.md).
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ from torch import nn
 
 from .config import CoCaConfig
 
-__all__ = ["CoCa", "DecodeCache", "ContextLengthError", "PRUNED_LOGIT", "LayerNorm", "half_with_fp32_blocks"]
+__all__ = ["CoCa", "DecodeCache", "ContextLengthError", "PRUNED_LOGIT", "LayerNorm", "half_with_fp32_blocks",
+           "stack_layers"]
 
 # The logit of every token outside a pruned model's vocabulary (``CoCaConfig.vocab_subset``):
 # finite, so differences and KL terms between two pruned models stay finite and FP16 holds
@@ -302,18 +306,32 @@ class TextTower(nn.Module):
         pooled = self.ln_final(x[:, -1]) @ self.proj
         return pooled, x[:, :-1]
 
-    def forward_cached(self, ids: torch.Tensor, past: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """New tokens only (no CLS), attending to ``past``; returns token states and the present cache."""
+    def forward_cached(self, ids: torch.Tensor, past: "torch.Tensor | Sequence[KV]") -> tuple[torch.Tensor, list[KV]]:
+        """New tokens only (no CLS), attending to ``past`` (stacked, or ``(K, V)`` per layer);
+        returns token states and the present cache as ``(K, V)`` per layer."""
         s = ids.shape[1]
-        p = past.shape[4]
+        p = _past_length(past)
         positions = torch.arange(s, device=ids.device) + p
         x = self.embed(ids) + F.embedding(positions, self.pos_embed).to(self.token_embedding.weight.dtype)
         mask = _step_mask(p, s, ids.device)
         present = []
         for i, block in enumerate(self.blocks):
             x, k, v = block(x, mask=mask, past=past[i])
-            present.append(torch.stack([k, v]))
-        return x, torch.stack(present)
+            present.append((k, v))
+        return x, present
+
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+def _past_length(past: "torch.Tensor | Sequence[KV]") -> int:
+    """Past length of a stacked ``[L, 2, B, H, past, D]`` cache or of ``(K, V)`` pairs."""
+    return past[0][0].shape[2]
+
+
+def stack_layers(pairs: Sequence[KV]) -> torch.Tensor:
+    """``(K, V)`` per layer -> the stacked ``[L, 2, B, H, past, D]`` cache."""
+    return torch.stack([torch.stack(kv) for kv in pairs])
 
 
 def _step_mask(past: int, new: int, device: torch.device) -> torch.Tensor:
@@ -360,17 +378,17 @@ class MultimodalDecoder(nn.Module):
     def forward(self, token_states: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
         return self.logits(self.hidden(token_states, cross))
 
-    def forward_cached(self, token_states: torch.Tensor, past: torch.Tensor,
-                       cross: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_cached(self, token_states: torch.Tensor, past: "torch.Tensor | Sequence[KV]",
+                       cross: "torch.Tensor | Sequence[KV]") -> tuple[torch.Tensor, list[KV]]:
         s = token_states.shape[1]
-        mask = _step_mask(past.shape[4], s, token_states.device)
+        mask = _step_mask(_past_length(past), s, token_states.device)
         x = token_states
         present = []
         for i, (blk, xblk) in enumerate(zip(self.blocks, self.cross)):
             x, k, v = blk(x, mask=mask, past=past[i])
-            present.append(torch.stack([k, v]))
+            present.append((k, v))
             x = xblk(x, cross[i], step=True)
-        return self.logits(self.ln_final.normalize(x)), torch.stack(present)
+        return self.logits(self.ln_final.normalize(x)), present
 
 
 class CoCa(nn.Module):
@@ -466,10 +484,21 @@ class CoCa(nn.Module):
     def decode_tensors(self, ids: torch.Tensor, past_text: torch.Tensor, past_decoder: torch.Tensor,
                        cross: torch.Tensor | Sequence[tuple[torch.Tensor, torch.Tensor]],
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One decode step over ``S`` new tokens with stacked caches (``decode_layers`` stacked).
+
+        ``cross`` is the stacked ``[L, 2, B, H, N, D]`` tensor or, per layer, its ``(K, V)`` pair.
+        """
+        logits, text, dec = self.decode_layers(ids, past_text, past_decoder, cross)
+        return logits, stack_layers(text), stack_layers(dec)
+
+    def decode_layers(self, ids: torch.Tensor, past_text: "torch.Tensor | Sequence[KV]",
+                      past_decoder: "torch.Tensor | Sequence[KV]", cross: "torch.Tensor | Sequence[KV]",
+                      ) -> tuple[torch.Tensor, list[KV], list[KV]]:
         """One decode step over ``S`` new tokens; the graph exported as ``decoder``.
 
-        ``cross`` is the stacked ``[L, 2, B, H, N, D]`` tensor or, per layer, its ``(K, V)``
-        pair (what the exported graph takes, so ONNX Runtime never slices a stacked input).
+        Caches and ``cross`` are stacked tensors or ``(K, V)`` per layer (what the exported
+        graph takes, so ONNX Runtime never slices a stacked input nor stacks the presents);
+        the presents come back as ``(K, V)`` per layer.
         """
         states, present_text = self.text.forward_cached(ids, past_text)
         logits, present_decoder = self.decoder.forward_cached(states, past_decoder, cross)

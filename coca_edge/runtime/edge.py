@@ -87,7 +87,12 @@ class EdgeCoCa:
         self.model_config = model
         self.preprocess_config = PreprocessConfig.from_dict(bundle.config["preprocess"])
         self.logit_scale = float(bundle.config["logit_scale"])
-        self.layout = DecoderLayout.from_model_config(model)
+        # the decoder's cache layout (per-layer or stacked) from its input names: the manifest's,
+        # or the runner's where there is none (a PyTorch model under validation)
+        graph = bundle.manifest.get("graphs", {}).get("decoder", {})
+        decoder_inputs = ([t["name"] for t in graph["inputs"]] if "inputs" in graph
+                          else list(runners["decoder"].input_names))
+        self.layout = DecoderLayout.from_model_config(model).for_inputs(decoder_inputs)
         self.image_size = int(model["vision"]["image_size"])
         self.io_generator = None  # use_io_binding(): decode with the caches kept on the device
 

@@ -4,22 +4,26 @@ Written once against a :class:`~coca_edge.runtime.runners.Runner` for the ``deco
 graph, so ONNX Runtime, TensorRT and the PyTorch reference all decode through this loop.
 
 Cache handling: the decoder graph returns ``present = concat(past, new)`` and the loop
-feeds it back as the next ``past`` unchanged. ONNX Runtime's CPU provider reads numpy
+feeds it back as the next ``past`` unchanged, one ``[batch, heads, past, head_dim]`` array
+per layer and K / V (``past_text_k_0`` ... ``present_decoder_v_{L-1}``). Bundles exported
+before that layout take one stacked ``[layers, 2, batch, heads, past, head_dim]`` array per
+tower (``past_text`` / ``past_decoder``); ``DecoderLayout.stacked_cache`` says which a
+graph has, and everything here handles both. ONNX Runtime's CPU provider reads numpy
 inputs in place and allocates outputs once per run, so no extra host copy of the cache is
 made per step; rows that finish (greedy/sampling) are dropped from the batch, and beam
 search gathers the cache rows of the surviving beams (one copy, only of what survives).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from .runners import Runner
 
 __all__ = ["GenerationConfig", "DecoderLayout", "GenerationOutput", "HostState", "generate", "generate_with",
-           "decoder_feed", "STRATEGIES"]
+           "decoder_feed", "cache_names", "fit_cache_feed", "STRATEGIES"]
 
 STRATEGIES = ("greedy", "beam", "top_k", "top_p")
 
@@ -54,9 +58,42 @@ class GenerationConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
+TOWERS = ("text", "decoder")
+
+
+def cache_names(kind: str, tower: str, layers: int) -> list[str]:
+    """Per-layer cache tensors of a tower: ``{kind}_{tower}_k_0``, ``{kind}_{tower}_v_0``, ...
+    (``kind`` is ``past`` for decoder inputs, ``present`` for its outputs)."""
+    return [f"{kind}_{tower}_{kv}_{i}" for i in range(layers) for kv in ("k", "v")]
+
+
+def _is_stacked(names: Sequence[str]) -> bool:
+    return "past_text" in names
+
+
+def fit_cache_feed(feed: Mapping[str, np.ndarray], input_names: Sequence[str]) -> dict[str, np.ndarray]:
+    """``feed`` with its cache tensors in the layout a graph with ``input_names`` takes:
+    per-layer arrays stacked (``past_text``) or a stacked array split into per-layer views.
+    A feed already in that layout comes back as it is."""
+    feed = dict(feed)
+    if _is_stacked(input_names) and "past_text" not in feed and "past_text_k_0" in feed:
+        for tower in TOWERS:
+            names = [n for n in feed if n.startswith(f"past_{tower}_")]
+            layers = len(names) // 2
+            feed[f"past_{tower}"] = np.stack([np.stack([feed.pop(f"past_{tower}_k_{i}"), feed.pop(f"past_{tower}_v_{i}")])
+                                              for i in range(layers)])
+    elif not _is_stacked(input_names) and "past_text" in feed:
+        for tower in TOWERS:
+            stacked = feed.pop(f"past_{tower}")
+            for i in range(stacked.shape[0]):
+                feed[f"past_{tower}_k_{i}"], feed[f"past_{tower}_v_{i}"] = stacked[i, 0], stacked[i, 1]
+    return feed
+
+
 @dataclass(frozen=True)
 class DecoderLayout:
-    """What the loop needs to know about the decoder graph (from a bundle's config.json)."""
+    """What the loop needs to know about the decoder graph (from a bundle's config.json, and
+    ``stacked_cache`` from the graph's input names: ``for_inputs``)."""
 
     text_layers: int
     text_heads: int
@@ -69,17 +106,63 @@ class DecoderLayout:
     pad_token_id: int
     context_length: int
     vocab_size: int
+    # the decoder graph takes the pre-per-layer stacked cache (past_text / past_decoder)
+    stacked_cache: bool = False
 
     @classmethod
-    def from_model_config(cls, model: Mapping[str, Any]) -> "DecoderLayout":
+    def from_model_config(cls, model: Mapping[str, Any], stacked_cache: bool = False) -> "DecoderLayout":
         t, d = model["text"], model["decoder"]
         return cls(t["layers"], t["heads"], t["width"] // t["heads"], d["layers"], d["heads"],
                    d["width"] // d["heads"], model["sot_token_id"], model["eot_token_id"], model["pad_token_id"],
-                   t["context_length"], t["vocab_size"])
+                   t["context_length"], t["vocab_size"], stacked_cache)
 
-    def empty_past(self, batch: int, dtype: np.dtype = np.float32) -> tuple[np.ndarray, np.ndarray]:
-        return (np.zeros((self.text_layers, 2, batch, self.text_heads, 0, self.text_head_dim), dtype),
-                np.zeros((self.decoder_layers, 2, batch, self.decoder_heads, 0, self.decoder_head_dim), dtype))
+    def for_inputs(self, input_names: Sequence[str]) -> "DecoderLayout":
+        """This layout for a decoder graph with these input names (stacked or per-layer cache)."""
+        stacked = _is_stacked(input_names)
+        return self if stacked == self.stacked_cache else replace(self, stacked_cache=stacked)
+
+    @property
+    def batch_axis(self) -> int:
+        """Batch axis of each cache array."""
+        return 2 if self.stacked_cache else 0
+
+    def _towers(self):
+        return (("text", self.text_layers, self.text_heads, self.text_head_dim),
+                ("decoder", self.decoder_layers, self.decoder_heads, self.decoder_head_dim))
+
+    def past_names(self) -> list[str]:
+        """The decoder graph's cache inputs, in graph order."""
+        if self.stacked_cache:
+            return [f"past_{tower}" for tower in TOWERS]
+        return [n for tower, layers, _, _ in self._towers() for n in cache_names("past", tower, layers)]
+
+    def empty_past(self, batch: int, dtype: np.dtype = np.float32) -> dict[str, np.ndarray]:
+        """The first step's cache (past length 0), by decoder input name."""
+        if self.stacked_cache:
+            return {f"past_{tower}": np.zeros((layers, 2, batch, heads, 0, dim), dtype)
+                    for tower, layers, heads, dim in self._towers()}
+        empty = {}
+        for tower, layers, heads, dim in self._towers():
+            for name in cache_names("past", tower, layers):
+                empty[name] = np.zeros((batch, heads, 0, dim), dtype)
+        return empty
+
+    def next_past(self, outputs: Mapping[str, Any]) -> dict[str, Any]:
+        """A step's ``present_*`` outputs as the next step's ``past_*`` inputs (no copy)."""
+        return {name: outputs["present" + name[4:]] for name in self.past_names()}
+
+    def select_past(self, past: Mapping[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+        """These batch rows of the cache (one copy of what is kept)."""
+        axis = self.batch_axis
+        return {name: np.take(value, rows, axis=axis) for name, value in past.items()}
+
+    def stack_past(self, past: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """The cache as stacked ``[layers, 2, batch, heads, past, head_dim]`` arrays (text,
+        decoder), whatever the graph's layout: what validation compares."""
+        if self.stacked_cache:
+            return past["past_text"], past["past_decoder"]
+        return tuple(np.stack([np.stack([past[f"past_{tower}_k_{i}"], past[f"past_{tower}_v_{i}"]])
+                               for i in range(layers)]) for tower, layers, _, _ in self._towers())
 
 
 @dataclass
@@ -96,10 +179,11 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
-def decoder_feed(ids: np.ndarray, past: tuple[np.ndarray, np.ndarray], cross: np.ndarray) -> dict[str, np.ndarray]:
-    """Decoder graph inputs. ``cross`` ``[L, 2, B, H, N, D]`` goes in as per-layer K and V views
-    (``cross_k_i`` / ``cross_v_i``): contiguous, so no copy of the image K/V is made per step."""
-    feed = {"input_ids": ids, "past_text": past[0], "past_decoder": past[1]}
+def decoder_feed(ids: np.ndarray, past: Mapping[str, np.ndarray], cross: np.ndarray) -> dict[str, np.ndarray]:
+    """Decoder graph inputs: ``past`` by input name (``DecoderLayout.empty_past`` / ``next_past``);
+    ``cross`` ``[L, 2, B, H, N, D]`` goes in as per-layer K and V views (``cross_k_i`` /
+    ``cross_v_i``): contiguous, so no copy of the image K/V is made per step."""
+    feed = {"input_ids": ids, **past}
     for i in range(cross.shape[0]):
         feed[f"cross_k_{i}"] = cross[i, 0]
         feed[f"cross_v_{i}"] = cross[i, 1]
@@ -115,18 +199,19 @@ class HostState:
 
     def __init__(self, decoder: Runner, cross: np.ndarray, layout: DecoderLayout, repeat: int = 1):
         self.decoder = decoder
+        self.layout = layout.for_inputs(decoder.input_names)
         self.cross = np.repeat(cross, repeat, axis=2) if repeat > 1 else cross
-        self.past = layout.empty_past(self.cross.shape[2], cross.dtype)
+        self.past = self.layout.empty_past(self.cross.shape[2], cross.dtype)
 
     def step(self, ids: np.ndarray) -> np.ndarray:
         """Run one step; returns the last position's logits and keeps ``present`` as the next past."""
         out = self.decoder.run(decoder_feed(ids, self.past, self.cross))
-        self.past = (out["present_text"], out["present_decoder"])
+        self.past = self.layout.next_past(out)
         return out["logits"][:, -1, :]
 
     def select(self, rows: np.ndarray, cross: bool) -> None:
         """Keep (or reorder to) these batch rows of the cache, and of the cross K/V if ``cross``."""
-        self.past = (self.past[0][:, :, rows], self.past[1][:, :, rows])
+        self.past = self.layout.select_past(self.past, rows)
         if cross:
             self.cross = self.cross[:, :, rows]
 

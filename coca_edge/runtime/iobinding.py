@@ -89,19 +89,20 @@ class IoBindingGenerator:
         session.run_with_iobinding(io)
         return list(io.get_outputs())
 
-    def _step(self, ids: np.ndarray, past: Sequence, cross: Sequence, cross_names: Sequence[str]):
+    def _step(self, ids: np.ndarray, past: Sequence, past_names: Sequence[str], cross: Sequence,
+              cross_names: Sequence[str]):
         io = self.session.io_binding()
         io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
-        io.bind_ortvalue_input("past_text", past[0])
-        io.bind_ortvalue_input("past_decoder", past[1])
+        for name, value in zip(past_names, past):
+            io.bind_ortvalue_input(name, value)
         for name, value in zip(cross_names, cross):
             io.bind_ortvalue_input(name, value)
         io.bind_output("logits", "cpu")
-        io.bind_output("present_text", self.device, self.device_id)
-        io.bind_output("present_decoder", self.device, self.device_id)
+        for name in past_names:
+            io.bind_output("present" + name[4:], self.device, self.device_id)
         self.session.run_with_iobinding(io)
-        logits, present_text, present_decoder = io.get_outputs()
-        return logits.numpy()[:, -1, :], [present_text, present_decoder]
+        logits, *present = io.get_outputs()
+        return logits.numpy()[:, -1, :], present
 
     # -- generation ----------------------------------------------------------------------
     def generate(self, cross_kv: np.ndarray, layout: DecoderLayout,
@@ -119,13 +120,17 @@ class _DeviceState:
             cross = np.repeat(cross, repeat, axis=2)
         self.cross_names = [f"cross_{kv}_{i}" for i in range(cross.shape[0]) for kv in ("k", "v")]
         self.cross = [gen._upload(cross[i, j]) for i in range(cross.shape[0]) for j in range(2)]
-        self.past = [gen._upload(p) for p in layout.empty_past(cross.shape[2], cross.dtype)]
+        self.layout = layout.for_inputs([i.name for i in gen.session.get_inputs()])
+        empty = self.layout.empty_past(cross.shape[2], cross.dtype)
+        self.past_names = list(empty)
+        self.past = [gen._upload(p) for p in empty.values()]
 
     def step(self, ids: np.ndarray) -> np.ndarray:
-        logits, self.past = self.gen._step(ids, self.past, self.cross, self.cross_names)
+        logits, self.past = self.gen._step(ids, self.past, self.past_names, self.cross, self.cross_names)
         return logits
 
     def select(self, rows: np.ndarray, cross: bool) -> None:
-        self.past = self.gen._gather(self.past, rows, axis=2, dtype=self.dtype, rank=6)
+        rank = 6 if self.layout.stacked_cache else 4
+        self.past = self.gen._gather(self.past, rows, axis=self.layout.batch_axis, dtype=self.dtype, rank=rank)
         if cross:
             self.cross = self.gen._gather(self.cross, rows, axis=0, dtype=self.dtype, rank=4)

@@ -17,6 +17,7 @@ from typing import Iterable
 
 import numpy as np
 
+from ..runtime.generation import fit_cache_feed
 from .metrics import TensorStats
 
 __all__ = ["NodeDrift", "localize", "LocalizationError"]
@@ -103,8 +104,10 @@ def localize(reference_onnx: str | os.PathLike, candidate_onnx: str | os.PathLik
         cand_inputs = [i.name for i in cand_sess.get_inputs()]
         n_feeds = 0
         for feed in feeds:
-            r = dict(zip(compared, ref_sess.run(compared, {k: feed[k] for k in ref_inputs})))
-            c = dict(zip(compared, cand_sess.run(compared, {k: feed[k] for k in cand_inputs})))
+            # a decoder feed's cache goes in the layout each graph takes (stacked or per layer)
+            ref_feed, cand_feed = fit_cache_feed(feed, ref_inputs), fit_cache_feed(feed, cand_inputs)
+            r = dict(zip(compared, ref_sess.run(compared, {k: ref_feed[k] for k in ref_inputs})))
+            c = dict(zip(compared, cand_sess.run(compared, {k: cand_feed[k] for k in cand_inputs})))
             for name in compared:
                 a, b = np.asarray(r[name], np.float64), np.asarray(c[name], np.float64)
                 if a.shape == b.shape and a.size:

@@ -227,7 +227,7 @@ class Validator:
 
     def _teacher_forced(self, runner: Any, cross: np.ndarray, seqs: Sequence[Sequence[int]], record: bool = False):
         """Yield ``(valid_rows, logits, present or None)`` per step, feeding the reference's tokens."""
-        lay = self.layout
+        lay = self.layout.for_inputs(runner.input_names)
         steps = max(len(s) for s in seqs)
         ids = np.full((len(seqs), steps), lay.pad_token_id, dtype=np.int64)
         for b, s in enumerate(seqs):
@@ -240,8 +240,8 @@ class Validator:
                 self._decoder_feeds.append({k: np.ascontiguousarray(v) for k, v in feed.items()})
             out = runner.run(feed)
             valid = np.asarray([t < len(s) for s in seqs])
-            past = (out["present_text"], out["present_decoder"])
-            yield valid, out["logits"][valid, -1], past if t == steps - 1 else None
+            past = lay.next_past(out)
+            yield valid, out["logits"][valid, -1], lay.stack_past(past) if t == steps - 1 else None
 
     def _tensor_level(self, model: ModelUnderTest) -> tuple[dict, dict[str, float], list[str]]:
         notes: list[str] = []

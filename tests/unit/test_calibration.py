@@ -31,7 +31,7 @@ def test_feeds_are_keyed_by_graph_inputs(calib, tiny_bundle):
 
 def test_decoder_feeds_come_from_greedy_generation(calib, tiny_bundle):
     feeds = calib.feeds("decoder")
-    pasts = sorted({f["past_text"].shape[4] for f in feeds})
+    pasts = sorted({f["past_text_k_0"].shape[2] for f in feeds})
     assert 0 in pasts and max(pasts) > 0, pasts
     # A recorded step at past p feeds the token greedy generation picked at step p - 1.
     edge = EdgeCoCa.load(tiny_bundle[0])
@@ -40,7 +40,7 @@ def test_decoder_feeds_come_from_greedy_generation(calib, tiny_bundle):
                     GenerationConfig(max_new_tokens=6)).sequences
     first_batch = [f for f in feeds[:3]]  # _spread keeps 3 steps of the first batch
     for feed in first_batch:
-        p = feed["past_text"].shape[4]
+        p = feed["past_text_k_0"].shape[2]
         if p == 0:
             assert (feed["input_ids"][:, 0] == edge.layout.sot_token_id).all()
         elif feed["input_ids"].shape[0] == len(seqs):

@@ -63,9 +63,10 @@ def test_caches_stay_ortvalues_between_steps(edge_and_cross, monkeypatch):
     seen = []
     step = generator._step
 
-    def recording_step(ids, past, cross_values, cross_names):
+    def recording_step(ids, past, past_names, cross_values, cross_names):
+        assert past_names == edge.layout.past_names()  # one bound OrtValue per layer and K / V
         seen.append([type(p).__name__ for p in past] + [type(c).__name__ for c in cross_values])
-        return step(ids, past, cross_values, cross_names)
+        return step(ids, past, past_names, cross_values, cross_names)
 
     monkeypatch.setattr(generator, "_step", recording_step)
     generator.generate(cross, edge.layout, GenerationConfig(strategy="beam", num_beams=2, max_new_tokens=4))

@@ -53,10 +53,12 @@ def test_manifest_records_what_was_exported(tiny_bundle):
     assert set(bundle.manifest["graphs"]) == {"image_encoder", "text_encoder", "cross_kv", "decoder"}
     decoder = bundle.manifest["graphs"]["decoder"]
     assert decoder["precision"] == "fp32"
-    assert [t["name"] for t in decoder["inputs"]] == ["input_ids", "past_text", "past_decoder", "cross_k_0",
-                                                      "cross_v_0", "cross_k_1", "cross_v_1"]
-    assert decoder["inputs"][3]["shape"] == ["batch", 2, 15, 32]
-    assert decoder["inputs"][1]["shape"] == [2, 2, "batch", 2, "past", 32]
+    cache = [f"past_{tower}_{kv}_{i}" for tower in ("text", "decoder") for i in range(2) for kv in "kv"]
+    assert [t["name"] for t in decoder["inputs"]] == ["input_ids", *cache, "cross_k_0", "cross_v_0", "cross_k_1",
+                                                      "cross_v_1"]
+    assert decoder["inputs"][9]["shape"] == ["batch", 2, 15, 32]
+    assert decoder["inputs"][1]["shape"] == ["batch", 2, "past", 32]
+    assert [t["name"] for t in decoder["outputs"]] == ["logits", *(n.replace("past", "present") for n in cache)]
     assert all(len(f["sha256"]) == 64 for f in bundle.manifest["files"].values())
     assert "tokenizer.json" in bundle.manifest["files"]
 

@@ -193,8 +193,8 @@ def test_trtexec_commands_match_the_profiles(tiny_bundle, tmp_path):
     ctx = bundle.config["model"]["text"]["context_length"]
     commands = trtexec_commands(bundle, tmp_path / "e", BuildConfig("best", profiles=ProfileConfig(max_batch=2)))
     decoder = commands["decoder"]
-    assert "--minShapes=input_ids:1x1,past_text:2x2x1x2x0x32" in decoder
-    assert f"--maxShapes=input_ids:6x{ctx},past_text:2x2x6x2x{ctx - 1}x32" in decoder
+    assert "--minShapes=input_ids:1x1,past_text_k_0:1x2x0x32" in decoder
+    assert f"--maxShapes=input_ids:6x{ctx},past_text_k_0:6x2x{ctx - 1}x32" in decoder
     assert "--fp16 --int8" in decoder and "--timingCacheFile=" in decoder
     assert "--layerPrecisions" not in decoder
 

@@ -189,7 +189,7 @@ def test_runtime_feed_shapes_cover_the_decode_range(tiny_bundle):
     ctx = bundle.config["model"]["text"]["context_length"]
     shapes = runtime_feed_shapes(bundle, max_batch=3, num_beams=2)
     decoder = shapes["decoder"]
-    assert {f["past_text"][4] for f in decoder} == set(range(ctx - 1))  # past 0 .. ctx-2 (ctx-1 new tokens)
+    assert {f["past_text_k_0"][2] for f in decoder} == set(range(ctx - 1))  # past 0 .. ctx-2 (ctx-1 new tokens)
     assert max(f["input_ids"][0] for f in decoder) == 6  # 3 images x 2 beams
     assert max(f["input_ids"][1] for f in decoder) == ctx  # prefill
     assert {f["input_ids"] for f in shapes["text_encoder"]} == {(3, ctx)}
@@ -203,10 +203,10 @@ def test_profiles_that_miss_runtime_shapes_fail(tiny_bundle):
     good = derive_profiles(bundle, config)["decoder"]
     assert check_profiles("decoder", good, shapes["decoder"]) == []
     (profile,) = good
-    short = {n: (lo, opt, tuple(h - 5 if d == 4 and n.startswith("past") else h for d, h in enumerate(hi)))
+    short = {n: (lo, opt, tuple(h - 5 if d == 2 and n.startswith("past") else h for d, h in enumerate(hi)))
              for n, (lo, opt, hi) in profile.items()}  # past max 5 below the context
     narrow = derive_profiles(bundle, ProfileConfig(max_batch=3, num_beams=1))["decoder"]  # no room for beams
-    no_empty = {n: (tuple(1 if n.startswith("past") and d == 4 else v for d, v in enumerate(lo)), opt, hi)
+    no_empty = {n: (tuple(1 if n.startswith("past") and d == 2 else v for d, v in enumerate(lo)), opt, hi)
                 for n, (lo, opt, hi) in profile.items()}  # first step (past 0) not allowed
     for bad, what in ((short, "past_text"), (narrow, "input_ids"), (no_empty, "past_text")):
         found = check_profiles("decoder", bad if isinstance(bad, list) else [bad], shapes["decoder"])
@@ -218,8 +218,8 @@ def test_derive_profiles_follow_the_manifest_axes(tiny_bundle):
     ctx = bundle.config["model"]["text"]["context_length"]
     profiles = derive_profiles(bundle, ProfileConfig(max_batch=4, opt_batch=2, num_beams=3))
     (dec,) = profiles["decoder"]
-    lo, opt, hi = dec["past_text"]
-    assert (lo[2], lo[4]) == (1, 0) and (hi[2], hi[4]) == (12, ctx - 1) and opt[2] == 2
+    lo, opt, hi = dec["past_text_k_0"]
+    assert (lo[0], lo[2]) == (1, 0) and (hi[0], hi[2]) == (12, ctx - 1) and opt[0] == 2
     assert dec["input_ids"] == ((1, 1), (2, 1), (12, ctx))
     assert profiles["text_encoder"][0]["input_ids"] == ((1, 1), (2, ctx), (4, ctx))
     assert profiles["image_encoder"][0]["pixel_values"][2][0] == 4
