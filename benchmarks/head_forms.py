@@ -7,8 +7,10 @@ Random weights (std 0.02), ORT CPU: FP32 ``MatMul``, per-tensor dynamic INT8
 (``DynamicQuantizeMatMul``, what ``keep_logits=False`` gives) and ``MatMulNBits`` at 8 and 4 bits
 (block 32, accuracy levels 0 and 4; 8 bits / level 4 is the ``cpu`` preset's head). Medians of
 interleaved runs at M = 1 and 8 rows (batch 1 and 8 decode steps), with cosine and argmax
-agreement vs FP32. Speed only: which head keeps captions is measured on trained models
-(docs/quantization.md).
+agreement vs FP32, and the arithmetic rate and weight bandwidth each reaches: ``--vocab 2048``
+is the shape of a B-32 decoder MLP layer, which tells whether a batch-8 step's weight
+products are bound by memory (fewer bytes help) or by arithmetic (they do not). Speed only:
+which head keeps captions is measured on trained models (docs/quantization.md).
 """
 from __future__ import annotations
 
@@ -95,7 +97,10 @@ def main() -> None:
             med = statistics.median(times[n])
             cos = float((y * ref).sum() / (np.linalg.norm(y) * np.linalg.norm(ref)))
             agree = float((y.argmax(-1) == ref.argmax(-1)).mean())
-            print(f"  {n:<28}{med * 1e3:8.2f} ms  {base / med:5.2f}x FP32   cosine {cos:.6f}  argmax agree {agree:.2f}")
+            weight_mb = paths[n].stat().st_size / 1e6
+            gops = 2 * m * args.width * args.vocab / med / 1e9
+            print(f"  {n:<28}{med * 1e3:8.2f} ms  {base / med:5.2f}x FP32  {gops:6.1f} GOP/s  "
+                  f"{weight_mb / 1e3 / med:5.1f} GB/s of weights  cosine {cos:.6f}  argmax agree {agree:.2f}")
 
 
 if __name__ == "__main__":
