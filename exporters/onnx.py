@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from coca_edge.models import CoCa
+from coca_edge.runtime.generation import fit_cache_feed
 
-from .specs import GRAPH_NAMES, GraphSpec, graph_specs, past_feed, split_cross
+from .specs import GRAPH_NAMES, GraphSpec, graph_specs, split_cross
 
 __all__ = ["ExportError", "GraphMismatchError", "export_onnx", "validate_graph", "VALIDATION_CASES",
            "DEFAULT_OPSET", "compare_outputs"]
@@ -193,8 +194,8 @@ def validation_inputs(model: CoCa, spec: GraphSpec, batch: int, seq: int, past: 
                 prefix = torch.randint(1, model.config.sot_token_id, (batch, past),
                                        generator=torch.Generator().manual_seed(seed + 1))
                 _, cache = model.decode_step(prefix, cache)
-        feed = {"input_ids": feed["input_ids"], **past_feed(cache.text, cache.decoder, "past_text" in spec.input_names),
-                **split_cross(cache.cross, model.config.decoder.layers)}
+        past = fit_cache_feed({"past_text": cache.text, "past_decoder": cache.decoder}, spec.input_names)
+        feed = {"input_ids": feed["input_ids"], **past, **split_cross(cache.cross, model.config.decoder.layers)}
     elif spec.name == "cross_kv":
         with torch.no_grad():
             size = model.config.vision.image_size

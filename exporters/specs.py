@@ -19,7 +19,7 @@ from coca_edge.models.coca import stack_layers
 from coca_edge.runtime.generation import cache_names
 
 __all__ = ["TensorSpec", "GraphSpec", "GRAPH_NAMES", "CACHE_LAYOUTS", "graph_specs", "get_spec",
-           "cross_input_names", "split_cross", "past_feed"]
+           "cross_input_names", "split_cross"]
 
 GRAPH_NAMES = ("image_encoder", "text_encoder", "cross_kv", "decoder")
 # The decoder's self-attention cache I/O: one tensor per layer and K / V (the default), or the
@@ -166,8 +166,8 @@ class _Decoder(nn.Module):
     """Caches and cross-attention K/V arrive as separate per-layer K and V inputs, and the
     presents leave the same way: slicing one stacked input in the graph would copy all of it
     (Split) on every step - measured 27% of a batch-8 step for the cross K/V - and stacking the
-    presents back costs a Concat (the self-attention caches: 1.14x on the INT8 batch-8 step,
-    ``benchmarks/cache_layout.py``). ``stacked=True`` is the earlier stacked cache I/O."""
+    presents back costs a Concat (the self-attention caches: 1.09-1.13x on the INT8 batch-8
+    step, ``benchmarks/cache_layout.py``). ``stacked=True`` is the earlier stacked cache I/O."""
 
     def __init__(self, model: CoCa, stacked: bool = False):
         super().__init__()
@@ -210,7 +210,7 @@ def graph_specs(config: CoCaConfig, fuse_cross_kv: bool = False, cache_layout: s
         raise ValueError(f"cache_layout must be one of {', '.join(CACHE_LAYOUTS)}, got {cache_layout!r}")
     stacked = cache_layout == "stacked"
     past, present = _cache_specs(config, stacked)
-    tc, dc, vc = config.text, config.decoder, config.vision
+    dc, vc = config.decoder, config.vision
     n = vc.num_image_tokens
     cross = TensorSpec("cross_kv", "float32", (dc.layers, 2, "batch", dc.heads, n, dc.head_dim))
     cross_per_layer = tuple(TensorSpec(name, "float32", ("batch", dc.heads, n, dc.head_dim))
@@ -263,18 +263,6 @@ def cross_input_names(layers: int) -> list[str]:
 def split_cross(cross_kv, layers: int) -> dict:
     """``[L, 2, B, H, N, D]`` -> the decoder's per-layer inputs (views, no copy; numpy or torch)."""
     return {f"cross_{kv}_{i}": cross_kv[i, j] for i in range(layers) for j, kv in enumerate(("k", "v"))}
-
-
-def past_feed(text, decoder, stacked: bool = False) -> dict:
-    """Stacked ``[L, 2, B, H, past, D]`` caches (numpy or torch) -> the decoder's cache inputs
-    (per-layer views, no copy; or the stacked tensors themselves)."""
-    if stacked:
-        return {"past_text": text, "past_decoder": decoder}
-    feed = {}
-    for tower, cache in (("text", text), ("decoder", decoder)):
-        for i in range(cache.shape[0]):
-            feed[f"past_{tower}_k_{i}"], feed[f"past_{tower}_v_{i}"] = cache[i, 0], cache[i, 1]
-    return feed
 
 
 def get_spec(config: CoCaConfig, name: str, fuse_cross_kv: bool = False, cache_layout: str = "per-layer") -> GraphSpec:

@@ -73,8 +73,8 @@ def _is_stacked(names: Sequence[str]) -> bool:
 
 def fit_cache_feed(feed: Mapping[str, np.ndarray], input_names: Sequence[str]) -> dict[str, np.ndarray]:
     """``feed`` with its cache tensors in the layout a graph with ``input_names`` takes:
-    per-layer arrays stacked (``past_text``) or a stacked array split into per-layer views.
-    A feed already in that layout comes back as it is."""
+    per-layer arrays stacked (``past_text``) or a stacked array split into per-layer views
+    (numpy, or torch tensors for the split). A feed already in that layout comes back as it is."""
     feed = dict(feed)
     if _is_stacked(input_names) and "past_text" not in feed and "past_text_k_0" in feed:
         for tower in TOWERS:
