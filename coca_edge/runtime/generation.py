@@ -16,6 +16,7 @@ search gathers the cache rows of the surviving beams (one copy, only of what sur
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -110,11 +111,11 @@ class DecoderLayout:
     stacked_cache: bool = False
 
     @classmethod
-    def from_model_config(cls, model: Mapping[str, Any], stacked_cache: bool = False) -> "DecoderLayout":
+    def from_model_config(cls, model: Mapping[str, Any]) -> "DecoderLayout":
         t, d = model["text"], model["decoder"]
         return cls(t["layers"], t["heads"], t["width"] // t["heads"], d["layers"], d["heads"],
                    d["width"] // d["heads"], model["sot_token_id"], model["eot_token_id"], model["pad_token_id"],
-                   t["context_length"], t["vocab_size"], stacked_cache)
+                   t["context_length"], t["vocab_size"])
 
     def for_inputs(self, input_names: Sequence[str]) -> "DecoderLayout":
         """This layout for a decoder graph with these input names (stacked or per-layer cache)."""
@@ -130,11 +131,19 @@ class DecoderLayout:
         return (("text", self.text_layers, self.text_heads, self.text_head_dim),
                 ("decoder", self.decoder_layers, self.decoder_heads, self.decoder_head_dim))
 
+    @cached_property
+    def _past_names(self) -> tuple[str, ...]:
+        if self.stacked_cache:
+            return tuple(f"past_{tower}" for tower in TOWERS)
+        return tuple(n for tower, layers, _, _ in self._towers() for n in cache_names("past", tower, layers))
+
+    @cached_property
+    def _present_of_past(self) -> tuple[tuple[str, str], ...]:
+        return tuple((name, "present" + name[4:]) for name in self._past_names)
+
     def past_names(self) -> list[str]:
         """The decoder graph's cache inputs, in graph order."""
-        if self.stacked_cache:
-            return [f"past_{tower}" for tower in TOWERS]
-        return [n for tower, layers, _, _ in self._towers() for n in cache_names("past", tower, layers)]
+        return list(self._past_names)
 
     def empty_past(self, batch: int, dtype: np.dtype = np.float32) -> dict[str, np.ndarray]:
         """The first step's cache (past length 0), by decoder input name."""
@@ -149,7 +158,7 @@ class DecoderLayout:
 
     def next_past(self, outputs: Mapping[str, Any]) -> dict[str, Any]:
         """A step's ``present_*`` outputs as the next step's ``past_*`` inputs (no copy)."""
-        return {name: outputs["present" + name[4:]] for name in self.past_names()}
+        return {past: outputs[present] for past, present in self._present_of_past}
 
     def select_past(self, past: Mapping[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
         """These batch rows of the cache (one copy of what is kept)."""
@@ -159,10 +168,8 @@ class DecoderLayout:
     def stack_past(self, past: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """The cache as stacked ``[layers, 2, batch, heads, past, head_dim]`` arrays (text,
         decoder), whatever the graph's layout: what validation compares."""
-        if self.stacked_cache:
-            return past["past_text"], past["past_decoder"]
-        return tuple(np.stack([np.stack([past[f"past_{tower}_k_{i}"], past[f"past_{tower}_v_{i}"]])
-                               for i in range(layers)]) for tower, layers, _, _ in self._towers())
+        stacked = fit_cache_feed(past, ("past_text",))
+        return stacked["past_text"], stacked["past_decoder"]
 
 
 @dataclass

@@ -120,7 +120,7 @@ class _DeviceState:
             cross = np.repeat(cross, repeat, axis=2)
         self.cross_names = [f"cross_{kv}_{i}" for i in range(cross.shape[0]) for kv in ("k", "v")]
         self.cross = [gen._upload(cross[i, j]) for i in range(cross.shape[0]) for j in range(2)]
-        self.layout = layout.for_inputs([i.name for i in gen.session.get_inputs()])
+        self.layout = layout.for_inputs(gen.decoder.input_names)
         empty = self.layout.empty_past(cross.shape[2], cross.dtype)
         self.past_names = list(empty)
         self.past = [gen._upload(p) for p in empty.values()]
