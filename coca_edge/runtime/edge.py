@@ -153,6 +153,11 @@ class EdgeCoCa:
         if not lazy_sessions:
             runners.open_all()
         edge = cls(bundle, runners, Tokenizer.load(bundle.root))
+        if edge.layout.stacked_cache:
+            warnings.warn(f"{bundle.root}: its decoder takes the stacked K/V cache (past_text / past_decoder) of "
+                          "bundles exported before 2026-12-04. It runs unchanged; re-exporting the checkpoint "
+                          "(coca-edge export, then coca-edge quantize again for a quantized bundle) gives the per-layer "
+                          "cache, a 1.09-1.13x faster batch-8 decode step on CPU (docs/export.md).", stacklevel=2)
         return edge.use_io_binding() if io_binding else edge
 
     # -- inputs --------------------------------------------------------------------------

@@ -4,6 +4,7 @@ validate, quantize and localise."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -26,7 +27,12 @@ def _images(n=3, size=48):
 
 
 def test_both_layouts_are_recorded_and_detected(tiny_bundle, stacked_bundle):
-    per, old = EdgeCoCa.load(tiny_bundle[0]), EdgeCoCa.load(stacked_bundle)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a current bundle loads without a word
+        per = EdgeCoCa.load(tiny_bundle[0])
+    with pytest.warns(UserWarning, match="stacked K/V cache") as caught:
+        old = EdgeCoCa.load(stacked_bundle)
+    assert str(stacked_bundle) in str(caught[0].message) and "re-exporting" in str(caught[0].message)
     assert not per.layout.stacked_cache and old.layout.stacked_cache
     old_inputs = json.loads((stacked_bundle / "manifest.json").read_text())["graphs"]["decoder"]["inputs"]
     assert [t["name"] for t in old_inputs[:3]] == ["input_ids", "past_text", "past_decoder"]
