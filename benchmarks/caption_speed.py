@@ -61,6 +61,37 @@ def _weight_bytes_per_step(decoder_path: Path) -> tuple[int, int]:
     return total - skipped, total
 
 
+def _phases(runtime, pixels: np.ndarray, n: int, batch: int, runs: int = 3) -> dict[str, float]:
+    """Where one caption's time goes (ms, the run of median total): each graph's ``run`` calls, and
+    the host's share (the generation loop in numpy, feeds, argmax) as the rest."""
+    spent: dict[str, float] = {}
+    hooked = {name: runtime.runners[name] for name in ("image_encoder", "cross_kv", "decoder")}
+
+    def timed(name, run):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return run(*a, **k)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t
+        return wrapper
+
+    for name, runner in hooked.items():
+        runner.run = timed(name, runner.run)  # an instance attribute shadowing the method
+    try:
+        rows = []
+        for _ in range(runs):
+            spent.clear()
+            total = _seconds(lambda: runtime.caption_ids(pixels, max_new_tokens=n, min_new_tokens=n,
+                                                         batch_size=batch))
+            rows.append({"total": total, **spent, "host": total - sum(spent.values())})
+    finally:
+        for runner in hooked.values():
+            del runner.run
+    row = sorted(rows, key=lambda r: r["total"])[len(rows) // 2]
+    return {k: v * 1e3 for k, v in row.items()}
+
+
 def _quantized(bundle: Path, precision: str, method: str | None, samples: int) -> Path:
     """The cpu-preset bundle of ``precision`` beside ``bundle`` (made once, then reused)."""
     from coca_edge.calibration import CalibrationData
@@ -157,8 +188,11 @@ def main() -> None:
         same = {name: float(np.mean(np.array(qrt.caption_ids(px, max_new_tokens=n, min_new_tokens=n,
                                                              batch_size=batch).sequences) == ortout))
                 for name, qrt in quantized.items()}
+        ort = {"coca-edge ORT FP32 (KV cache)": runtime, **quantized}
+        phases = {name: _phases(rt, px, n, batch) for name, rt in ort.items()}
         results[batch] = {"median_s": med, "tokens_per_s": {k: batch * n / v for k, v in med.items()},
-                          "all_s": times, "tokens_agree": agree, "quantized_token_agreement_vs_fp32": same}
+                          "all_s": times, "tokens_agree": agree, "quantized_token_agreement_vs_fp32": same,
+                          "phases_ms": phases}
 
     # decode-step time vs the memory-bandwidth bound, batch 1, past of 15 tokens
     layout = runtime.layout
@@ -191,6 +225,14 @@ def main() -> None:
                 q = r["median_s"]["open_clip generate"] / r["median_s"][name]
                 print(f"{label} vs open_clip generate, batch {b}: {q:.1f}x   (tokens equal to FP32 ORT: "
                       f"{r['quantized_token_agreement_vs_fp32'][name]:.1%}; random weights, see docs/quantization.md)")
+    print(f"where a caption's time goes (ms; the run of median total of 3; host = the numpy generation "
+          f"loop, feeds and argmax):")
+    for b, r in results.items():
+        for name, ph in r["phases_ms"].items():
+            print(f"  batch {b} {name.removeprefix('coca-edge ').removesuffix(' (KV cache)'):<26} "
+                  f"total {ph['total']:7.1f} | image_encoder {ph['image_encoder']:6.1f} | cross_kv "
+                  f"{ph['cross_kv']:5.1f} | decoder {ph['decoder']:6.1f} ({ph['decoder'] / n:.1f} / step) | "
+                  f"host {ph['host']:5.1f}")
     print(f"decode step (batch 1, past 15): {step * 1e3:.1f} ms; weights streamed per step "
           f"{streamed / 1e6:.0f} MB (of {total / 1e6:.0f} MB; the token-embedding table is gathered); "
           f"copy bandwidth {bandwidth / 1e9:.1f} GB/s -> bound {bound * 1e3:.1f} ms; "
