@@ -36,6 +36,11 @@ def _choice(obj: Any, name: str, allowed: tuple[str, ...]) -> None:
                             f"got {getattr(obj, name)!r}")
 
 
+def _flag(obj: Any, name: str) -> None:
+    if not isinstance(getattr(obj, name), bool):
+        raise QuantizeError(f"{type(obj).__name__}.{name} must be true or false, got {getattr(obj, name)!r}")
+
+
 class _Config:
     kind = ""  # manifest name of the method
     precision = ""  # manifest precision of a graph it produced
@@ -108,11 +113,16 @@ class Int8DynamicConfig(_Config):
     # near-ties that one per-tensor INT8 scale flips. 0 leaves the head FP32. The head is a quarter
     # of the coca_ViT-B-32 decoder's bytes, streamed every step (docs/quantization.md).
     logits_block_bits: int = 8
+    # Rewrite the decoder's attention blocks into ORT's contrib MultiHeadAttention afterwards
+    # (quantize/fusion.py): 1.11-1.12x on the coca_ViT-B-32 INT8 decode step. ORT only (CPU and
+    # CUDA), so the cpu preset sets it on the decoder; TensorRT plans never do.
+    fuse_attention: bool = False
     kind = "dynamic"
     precision = "int8-dynamic"
 
     def __post_init__(self) -> None:
         _choice(self, "weight_type", INT_TYPES)
+        _flag(self, "fuse_attention")
         if self.logits_block_bits not in (0, 4, 8):
             raise QuantizeError(f"Int8DynamicConfig.logits_block_bits must be 0 (FP32), 4 or 8, "
                                 f"got {self.logits_block_bits!r}")
@@ -183,6 +193,7 @@ class WeightOnlyConfig(_Config):
     format: str = "matmulnbits"
     op_types: tuple[str, ...] = ("MatMul", "Gather")
     exclude_nodes: tuple[str, ...] = ()
+    fuse_attention: bool = False  # as Int8DynamicConfig.fuse_attention (format "matmulnbits" only)
     kind = "weight-only"
 
     def __post_init__(self) -> None:
@@ -193,6 +204,10 @@ class WeightOnlyConfig(_Config):
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise QuantizeError(f"WeightOnlyConfig.accuracy_level must be 0..4, got {self.accuracy_level!r}")
         _choice(self, "format", ("matmulnbits", "qdq"))
+        _flag(self, "fuse_attention")
+        if self.fuse_attention and self.format == "qdq":
+            raise QuantizeError("WeightOnlyConfig.fuse_attention writes ORT contrib ops; format='qdq' is for "
+                                "TensorRT, which cannot run them")
         _tuple_of_str(self, "op_types")
         _tuple_of_str(self, "exclude_nodes")
         unknown = set(self.op_types) - {"MatMul", "Gather"}

@@ -121,11 +121,24 @@ def _dynamic(job: GraphJob) -> dict[str, Any]:
                          reduce_range=cfg.reduce_range, op_types_to_quantize=list(cfg.op_types),
                          nodes_to_exclude=excluded)
     head = [n for n in excluded if n not in cfg.exclude_nodes]  # what keep_logits added
+    info: dict[str, Any] = {"kept_fp32": excluded}
     if cfg.keep_logits and cfg.logits_block_bits and head:
         _pack_blocks(job.target, head, cfg.logits_block_bits)
-        return {"kept_fp32": [n for n in excluded if n not in head], "logits_block_bits": cfg.logits_block_bits,
+        info = {"kept_fp32": [n for n in excluded if n not in head], "logits_block_bits": cfg.logits_block_bits,
                 "block_packed": head}
-    return {"kept_fp32": excluded}
+    return {**info, **_fused(job, cfg)}
+
+
+def _fused(job: GraphJob, cfg: Any) -> dict[str, Any]:
+    """With ``fuse_attention``: the written graph's attention blocks as ORT MultiHeadAttention."""
+    if not cfg.fuse_attention:
+        return {}
+    from .fusion import fuse_attention
+
+    try:
+        return {"fused_attention": fuse_attention(job.target)}
+    except QuantizeError as err:
+        raise QuantizeError(f"{job.graph}: {err}") from None
 
 
 def _pack_blocks(path: Path, nodes: list[str], bits: int, block_size: int = 32) -> None:
@@ -204,7 +217,7 @@ def _weight_only(job: GraphJob) -> dict[str, Any]:
     _matmul_nbits(job.source, job.target, list(cfg.exclude_nodes), bits=cfg.bits, block_size=cfg.block_size,
                   symmetric=cfg.symmetric, accuracy_level=cfg.accuracy_level, qdq=cfg.format == "qdq",
                   op_types=cfg.op_types)
-    return {}
+    return _fused(job, cfg)
 
 
 def _matmul_nbits(source: Path, target: Path, exclude: list[str], *, bits: int, block_size: int, symmetric: bool,

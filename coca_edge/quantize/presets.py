@@ -9,7 +9,9 @@ Why each choice (numbers in docs/quantization.md):
   quarter of the text graphs' bytes), per-channel weights: s8s8 MinMax lost accuracy
   (cosine 0.995) and quantizing the patch Conv bought nothing.
   INT4 is block-wise weight-only (MatMulNBits, block 32, int8 compute) on the two
-  memory-bound graphs (decoder, text encoder), dynamic INT8 on the other two.
+  memory-bound graphs (decoder, text encoder), dynamic INT8 on the other two. The decoder's
+  attention blocks then become ORT's contrib ``MultiHeadAttention`` (``fuse_attention``): the
+  coca_ViT-B-32 INT8 decode step 10.05 -> 9.02 ms at batch 1, 24.5 -> 21.8 ms at batch 8.
 - ``arm64`` (ARM CPU / Jetson ORT): ORT's ARM kernels take u8 activations with s8 weights
   (its docs: U8S8 at least as fast as U8U8 there, S8S8 QDQ is converted to it), so
   static u8s8 per-channel is the default; INT4 as on ``cpu``.
@@ -40,6 +42,9 @@ _TRT_STATIC = Int8StaticConfig(method="percentile", activation_type="int8", weig
                                symmetric_activations=True, symmetric_weights=True, per_channel=True,
                                op_types=("MatMul", "Gemm", "Conv"), channel_axis=-1, dedicated_qdq_pair=True)
 _INT4 = WeightOnlyConfig(bits=4, block_size=32, accuracy_level=4)
+# The cpu preset's decoder: attention as ORT's MultiHeadAttention after quantizing (fusion.py).
+_CPU_DECODER_INT8 = Int8DynamicConfig(fuse_attention=True)
+_CPU_DECODER_INT4 = WeightOnlyConfig(bits=4, block_size=32, accuracy_level=4, fuse_attention=True)
 # 8-bit blocks for MatMul weights only: ORT packs no 8-bit Gather (GatherBlockQuantized is 4-bit).
 _INT8_WO = WeightOnlyConfig(bits=8, block_size=32, accuracy_level=4, op_types=("MatMul",))
 _MEMORY_BOUND = ("text_encoder", "decoder")
@@ -49,8 +54,12 @@ def _all(config) -> dict:
     return {g: config for g in GRAPHS}
 
 
-def _int4(rest) -> dict:
-    return {g: (_INT4 if g in _MEMORY_BOUND else rest) for g in GRAPHS}
+def _int4(rest, decoder=_INT4) -> dict:
+    return {g: (decoder if g == "decoder" else _INT4 if g in _MEMORY_BOUND else rest) for g in GRAPHS}
+
+
+def _cpu_dynamic() -> dict:
+    return {g: (_CPU_DECODER_INT8 if g == "decoder" else Int8DynamicConfig()) for g in GRAPHS}
 
 
 def _int8_weight_only() -> dict:
@@ -61,10 +70,11 @@ def _int8_weight_only() -> dict:
 PRESETS: dict[str, dict[str, dict[str | None, Callable[[], dict]]]] = {
     "cpu": {
         "fp16": {None: lambda: _all(Fp16Config())},
-        "int8": {None: lambda: _all(Int8DynamicConfig()), "dynamic": lambda: _all(Int8DynamicConfig()),
+        "int8": {None: _cpu_dynamic, "dynamic": _cpu_dynamic,
                  "static": lambda: _all(_CPU_STATIC), "weight-only": _int8_weight_only},
-        "int4": {None: lambda: _int4(Int8DynamicConfig()), "dynamic": lambda: _int4(Int8DynamicConfig()),
-                 "static": lambda: _int4(_CPU_STATIC)},
+        "int4": {None: lambda: _int4(Int8DynamicConfig(), _CPU_DECODER_INT4),
+                 "dynamic": lambda: _int4(Int8DynamicConfig(), _CPU_DECODER_INT4),
+                 "static": lambda: _int4(_CPU_STATIC, _CPU_DECODER_INT4)},
     },
     "arm64": {
         "fp16": {None: lambda: _all(Fp16Config())},

@@ -33,7 +33,10 @@ ORT_FOR_OPSET = {13: "1.6", 14: "1.8", 15: "1.9", 16: "1.12", 17: "1.13", 18: "1
 ORT_FOR_CONTRIB_OP = {"MatMulNBits": "1.17", "GatherBlockQuantized": "1.20", "DynamicQuantizeMatMul": "1.6",
                       "MatMulIntegerToFloat": "1.6", "QGemm": "1.11", "FusedMatMul": "1.4", "Gelu": "1.3",
                       "FastGelu": "1.3", "QuickGelu": "1.11", "SkipLayerNormalization": "1.3",
-                      "MultiHeadAttention": "1.13", "GroupQueryAttention": "1.17"}
+                      "MultiHeadAttention": "1.20", "GroupQueryAttention": "1.17"}
+# MultiHeadAttention: the op is in 1.13, but the fused decoder (quantize/fusion.py) sets
+# ``unidirectional`` with a past cache; ORT's CUDA kernel honours that only since microsoft/
+# onnxruntime#21852 (merged 2024-08, released in 1.20). Run here with 1.32 only.
 
 
 class BundleError(ValueError):
