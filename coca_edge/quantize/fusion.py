@@ -6,9 +6,11 @@ Concat per cache tensor, ``K @ qᵀ``, a scale, the causal mask (``Where``), Sof
 Transpose and Reshape back (about fifteen nodes); per cross-attention block seven. ORT's
 ``com.microsoft.MultiHeadAttention`` does the same in one kernel, appending the new K / V to
 the past inside it. On the coca_ViT-B-32 INT8 decoder that takes the decode step from
-10.05 to 9.02 ms at batch 1 and 24.5 to 21.8 ms at batch 8 (docs/quantization.md).
+8.95-9.22 to 8.27-8.42 ms at batch 1 and 23.6-24.6 to 21.0-21.5 ms at batch 8 (two runs,
+docs/quantization.md).
 
-Only ORT runs the result (CPU and CUDA providers), so it is a quantizer option
+Only ORT runs the result (measured on its CPU provider; its CUDA provider has the kernel, but no
+CUDA onnxruntime was available to run it here), so it is a quantizer option
 (``fuse_attention``) that the ``cpu`` preset sets on the decoder, not an export default.
 The rewrite is all or nothing: every Softmax of the graph must sit in one of the two
 patterns below, or it raises and the graph is left as it was written.

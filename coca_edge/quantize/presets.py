@@ -11,7 +11,7 @@ Why each choice (numbers in docs/quantization.md):
   INT4 is block-wise weight-only (MatMulNBits, block 32, int8 compute) on the two
   memory-bound graphs (decoder, text encoder), dynamic INT8 on the other two. The decoder's
   attention blocks then become ORT's contrib ``MultiHeadAttention`` (``fuse_attention``): the
-  coca_ViT-B-32 INT8 decode step 10.05 -> 9.02 ms at batch 1, 24.5 -> 21.8 ms at batch 8.
+  coca_ViT-B-32 INT8 decode step 8.95 -> 8.27 ms at batch 1, 23.6 -> 21.0 ms at batch 8.
 - ``arm64`` (ARM CPU / Jetson ORT): ORT's ARM kernels take u8 activations with s8 weights
   (its docs: U8S8 at least as fast as U8U8 there, S8S8 QDQ is converted to it), so
   static u8s8 per-channel is the default; INT4 as on ``cpu``.
