@@ -114,7 +114,7 @@ class Int8DynamicConfig(_Config):
     # of the coca_ViT-B-32 decoder's bytes, streamed every step (docs/quantization.md).
     logits_block_bits: int = 8
     # Rewrite the decoder's attention blocks into ORT's contrib MultiHeadAttention afterwards
-    # (quantize/fusion.py): 1.08-1.15x on the coca_ViT-B-32 INT8 decode step. ORT only (measured
+    # (quantize/fusion.py): 1.06-1.15x on the coca_ViT-B-32 INT8 decode step. ORT only (measured
     # on CPU), so the cpu preset sets it on the decoder; TensorRT plans never do.
     fuse_attention: bool = False
     kind = "dynamic"
