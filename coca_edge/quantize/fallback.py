@@ -79,13 +79,27 @@ def _quantizable(plan: dict[str, Any], drifts: list[Any], graphs: dict[str, Any]
     return out
 
 
+def _weighted(node: Any, ops: tuple[str, ...], weights: set[str]) -> bool:
+    """A node the quantizer changes: an op it handles, with a constant weight (a MatMul between two
+    activations, as in attention, or a Gather picking from a computed tensor stays as it was, so
+    returning it to FP32 would change nothing)."""
+    if node.op_type not in ops:
+        return False
+    if node.op_type == "Gather":
+        return node.input[0] in weights
+    return any(x in weights for x in node.input[:2])
+
+
 def _blame(model: Any, node_name: str, ops: tuple[str, ...] | None) -> list[str]:
     nodes = {n.name: n for n in model.graph.node}
     producer = {o: n for n in model.graph.node for o in n.output}
     start = nodes.get(node_name)
     if start is None or ops == ():
         return []
-    if ops is None or start.op_type in ops:
+    if ops is None:
+        return [start.name]
+    weights = {i.name for i in model.graph.initializer}
+    if _weighted(start, ops, weights):
         return [start.name]
     found, seen, frontier = [], {start.name}, [start]
     while frontier and not found:
@@ -96,7 +110,7 @@ def _blame(model: Any, node_name: str, ops: tuple[str, ...] | None) -> list[str]
                 if p is None or p.name in seen:
                     continue
                 seen.add(p.name)
-                (found if p.op_type in ops else nxt).append(p)
+                (found if _weighted(p, ops, weights) else nxt).append(p)
         frontier = nxt
     return [n.name for n in found]
 

@@ -86,3 +86,32 @@ def test_block_packed_head_is_the_first_fallback_candidate(tiny_bundle):
     assert _packed_head({"decoder": Int8DynamicConfig(keep_logits=False)}, graphs) == []
     assert _packed_head({"decoder": Int8DynamicConfig(exclude_nodes=tuple(head))}, graphs) == []
     assert _packed_head({"decoder": Int8StaticConfig()}, graphs) == []
+
+
+def test_blame_goes_to_nodes_with_weights(tiny_bundle):
+    """Error that shows after attention is charged to the projection feeding it, not to the
+    attention's activation x activation MatMuls, which no INT8 method changes (returning them
+    to FP32 would buy nothing; with fused attention they are not even in the quantized graph)."""
+    import onnx
+
+    from coca_edge.quantize.fallback import _blame
+
+    model = onnx.load(str(tiny_bundle[0] / "decoder.onnx"), load_external_data=False)
+    weights = {i.name for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    softmax = next(n for n in model.graph.node if n.op_type == "Softmax")
+    after = next(n for n in model.graph.node if softmax.output[0] in n.input)
+    mixed = next(n for n in model.graph.node if after.output[0] in n.input)  # probs x V: no weight
+    assert mixed.op_type == "MatMul" and not set(mixed.input) & weights
+    ops = ("MatMul", "Gemm", "Gather")
+    blamed = _blame(model, mixed.name, ops)
+    assert blamed and mixed.name not in blamed
+    for name in blamed:
+        node = next(n for n in model.graph.node if n.name == name)
+        assert node.op_type == "MatMul" and node.input[1] in weights, name
+    # the first Gather of the decoder picks the token embedding (a weight): blamed as itself
+    emb = next(n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in weights)
+    assert _blame(model, emb.name, ops) == [emb.name]
+    # a Gather picking q / k / v out of a computed tensor is not: the blame moves upstream
+    pick = next(n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in producer)
+    assert pick.name not in _blame(model, pick.name, ops)
