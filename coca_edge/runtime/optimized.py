@@ -14,6 +14,11 @@ size, mtime and inode of its files: a changed bundle never meets an old entry). 
 written into a staging folder and renamed into place with a record of its files' stat; an entry
 whose files changed since is ignored and rebuilt, and any failure to write or to use the cache
 falls back to ORT's own optimisation. Costs disk: one more copy of each graph's weights.
+
+Stale entries are pruned when a new one is written: an entry whose source graph files are gone or
+changed (a re-exported, re-quantized or deleted bundle) can never be used again, so it is
+removed, as are staging folders a killed process left more than a day ago. Without that, every
+re-export of a bundle would leave one more copy of its weights in the cache.
 """
 from __future__ import annotations
 
@@ -26,9 +31,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["default_cache_dir", "OptimizedGraphCache"]
+__all__ = ["default_cache_dir", "OptimizedGraphCache", "prune_stale"]
 
 _RECORD = "entry.json"
+_STAGING_MAX_AGE_S = 24 * 3600
 
 
 def default_cache_dir() -> Path:
@@ -65,9 +71,10 @@ class OptimizedGraphCache:
 
         self.root, self.graph = Path(root), Path(graph)
         sources = [self.graph] + [p for p in [self.graph.with_name(self.graph.name + ".data")] if p.is_file()]
+        self.sources = {str(p.resolve()): _stat(p) for p in sources}
         key = {"ort": ort.__version__, "level": level, "cpu": _cpu(), "identity": identity,
                "providers": [p[0] if isinstance(p, tuple) else p for p in providers],
-               "sources": {str(p.resolve()): _stat(p) for p in sources}}
+               "sources": self.sources}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
         self.entry = self.root / f"{self.graph.stem}-{digest}"
         self.model = self.entry / self.graph.name
@@ -100,12 +107,15 @@ class OptimizedGraphCache:
             files = {p.name: _stat(p) for p in staging.iterdir() if p.is_file()}
             if self.graph.name not in files:
                 raise OSError("ORT wrote no optimised graph")
-            (staging / _RECORD).write_text(json.dumps({"source": str(self.graph), "files": files}))
+            (staging / _RECORD).write_text(json.dumps({"source": str(self.graph), "sources": self.sources,
+                                                       "files": files}))
             if self.entry.exists():
                 shutil.rmtree(self.entry, ignore_errors=True)
             os.replace(staging, self.entry)
         except OSError:
             shutil.rmtree(staging, ignore_errors=True)
+            return
+        prune_stale(self.root, keep=self.entry)
 
     def discard(self) -> None:
         """Drop a staging folder (session creation failed) or an entry that failed to load."""
@@ -114,3 +124,48 @@ class OptimizedGraphCache:
             self._staging = None
         else:
             shutil.rmtree(self.entry, ignore_errors=True)
+
+
+def _is_stale(entry: Path) -> bool:
+    """True for an entry that no lookup can hit again: its source files are gone or changed."""
+    try:
+        record = json.loads((entry / _RECORD).read_text())
+    except (OSError, ValueError):
+        return False  # being written by another process, or not ours: leave it
+    sources = record.get("sources") if isinstance(record, dict) else None
+    if not isinstance(sources, dict):  # an entry written before sources were recorded
+        source = record.get("source") if isinstance(record, dict) else None
+        return isinstance(source, str) and not Path(source).exists()
+    for path, stat in sources.items():
+        try:
+            if _stat(Path(path)) != stat:
+                return True
+        except OSError:
+            return True
+    return False
+
+
+def prune_stale(root: str | os.PathLike, keep: Path | None = None) -> list[Path]:
+    """Remove the entries of ``root`` whose sources are gone or changed, and old staging folders."""
+    import time
+
+    removed: list[Path] = []
+    try:
+        children = list(Path(root).iterdir())
+    except OSError:
+        return removed
+    now = time.time()
+    for child in children:
+        if child == keep or not child.is_dir():
+            continue
+        try:
+            if child.name.startswith("."):
+                stale = now - child.stat().st_mtime > _STAGING_MAX_AGE_S
+            else:
+                stale = _is_stale(child)
+        except OSError:
+            continue
+        if stale:
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child)
+    return removed

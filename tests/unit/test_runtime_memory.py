@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -232,6 +235,33 @@ def test_optimized_graph_cache_ignores_changed_entries_and_changed_bundles(bundl
     _rewrite_manifest(bundle_copy)
     assert EdgeCoCa.load(bundle_copy, optimized_cache=cache).runners["decoder"].opened_from == \
         bundle_copy / "decoder.onnx"
+
+
+def test_optimized_graph_cache_prunes_entries_no_load_can_use(bundle_copy, tmp_path):
+    cache = tmp_path / "optimized"
+    dict(EdgeCoCa.load(bundle_copy, optimized_cache=cache).runners.items())  # opens (and caches) all four
+    old = {p.name for p in cache.iterdir()}
+    assert len(old) == len(GRAPHS)
+    fresh_staging = cache / ".decoder-fresh"  # another process writing now: kept
+    fresh_staging.mkdir()
+    left_staging = cache / ".decoder-left"  # a killed process's, two days ago: removed
+    left_staging.mkdir()
+    os.utime(left_staging, (time.time() - 2 * 86400,) * 2)
+    # the re-exported decoder gets a new entry; its old entry (a changed source) goes
+    (bundle_copy / "decoder.onnx.data").touch()
+    _rewrite_manifest(bundle_copy)
+    EdgeCoCa.load(bundle_copy, optimized_cache=cache).runners["decoder"]
+    now = {p.name for p in cache.iterdir()}
+    new_decoder = [n for n in now - old if n.startswith("decoder-")]
+    assert len(new_decoder) == 1 and not [n for n in old - now if not n.startswith("decoder-")]
+    assert len([n for n in now if n.startswith("decoder-")]) == 1
+    assert fresh_staging.is_dir() and not left_staging.exists()
+    # a deleted bundle's entries go when another bundle writes one
+    other = shutil.copytree(bundle_copy, tmp_path / "other")
+    shutil.rmtree(bundle_copy)
+    EdgeCoCa.load(other, optimized_cache=cache).runners["decoder"]  # a new source path: a new entry
+    sources = [json.loads((p / "entry.json").read_text())["source"] for p in cache.iterdir() if not p.name.startswith(".")]
+    assert sources and all(Path(s).parent == other for s in sources)
 
 
 def test_unwritable_optimized_graph_cache_still_loads(bundle_copy, tmp_path):
