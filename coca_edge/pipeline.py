@@ -112,8 +112,14 @@ class QuantizeParams:
     eval: str | None = None
     eval_samples: int = 200
     max_fallback_nodes: int = 32
+    fuse_attention: bool | None = None
     _paths = ("bundle",)
     _main = "bundle"
+
+    def __post_init__(self) -> None:
+        if self.fuse_attention is not None and not isinstance(self.fuse_attention, bool):
+            raise PipelineError(f"fuse_attention must be true, false or absent (the preset's choice), "
+                                f"got {self.fuse_attention!r}")
 
 
 @dataclass(frozen=True)
@@ -191,7 +197,7 @@ def _run_quantize(p: QuantizeParams, out: Path, work: Path) -> dict[str, str]:
         quantize_from_args(bundle=p.bundle, precision=p.precision, preset=p.preset, method=p.method, calib=p.calib,
                            calib_samples=p.calib_samples, gates=p.gates, eval_data=p.eval,
                            eval_samples=p.eval_samples, max_fallback_nodes=p.max_fallback_nodes,
-                           out=str(out / "bundle"),
+                           fuse_attention=p.fuse_attention, out=str(out / "bundle"),
                            cache_dir=str(work.parent.parent / "cache"))
     except FallbackFailed as err:
         raise GateFailure(f"no quantization mix passes the gates: {err}") from None

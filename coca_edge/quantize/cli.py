@@ -37,6 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", required=True, choices=PRECISIONS)
     p.add_argument("--method", choices=METHODS, help="INT8 method (default: the preset's choice)")
     p.add_argument("--preset", default="cpu", help=f"target: {', '.join(PRESETS)} (default cpu)")
+    p.add_argument("--fuse-attention", action=argparse.BooleanOptionalAction, default=None,
+                   help="rewrite the decoder's attention into ORT's MultiHeadAttention (needs onnxruntime >= 1.20; "
+                        "default: the preset's choice, on for cpu int8/int4)")
     p.add_argument("--calib", default="synthetic-scenes:train",
                    help="calibration data for static INT8: synthetic-scenes:SPLIT, a CSV/TSV, a COCO captions JSON "
                         "or an image folder (default synthetic-scenes:train)")
@@ -55,7 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def quantize_from_args(bundle: str, precision: str, out: str, preset: str = "cpu", method: str | None = None,
                        calib: str = "synthetic-scenes:train", calib_samples: int = 256, gates: str | None = None,
                        eval_data: str | None = None, eval_samples: int = 64, max_fallback_nodes: int = 32,
-                       cache_dir: str | None = None, overwrite: bool = False, progress: bool = True) -> Path:
+                       cache_dir: str | None = None, overwrite: bool = False, progress: bool = True,
+                       fuse_attention: bool | None = None) -> Path:
     """What ``coca-edge quantize`` does, as a call (the pipeline's quantize stage uses it).
 
     Raises ``QuantizeError`` / ``CalibrationError`` / ``BundleError`` on bad input and
@@ -66,7 +70,7 @@ def quantize_from_args(bundle: str, precision: str, out: str, preset: str = "cpu
     from .config import AutoFallbackConfig
     from .presets import preset_plan
 
-    plan = preset_plan(preset, precision, method)
+    plan = preset_plan(preset, precision, method, fuse_attention=fuse_attention)
     data = CalibrationData.parse(calib, calib_samples)
     config = plan if not gates else AutoFallbackConfig(
         base=plan, gates=gates, eval_data=eval_data or "synthetic-scenes:val", eval_samples=eval_samples,
@@ -83,7 +87,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         out = quantize_from_args(args.bundle, args.precision, args.out, args.preset, args.method, args.calib,
                                  args.calib_samples, args.gates, args.eval, args.eval_samples,
-                                 args.max_fallback_nodes, args.cache_dir, args.overwrite, progress=not args.json)
+                                 args.max_fallback_nodes, args.cache_dir, args.overwrite, progress=not args.json,
+                                 fuse_attention=args.fuse_attention)
     except _fallback_failed() as err:
         print(f"coca-edge quantize: {err}", file=sys.stderr)
         return 1

@@ -26,6 +26,8 @@ Why each choice (numbers in docs/quantization.md):
 """
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Callable
 
 from .config import Fp16Config, Int8DynamicConfig, Int8StaticConfig, QuantizeError, WeightOnlyConfig
@@ -96,8 +98,12 @@ PRESETS: dict[str, dict[str, dict[str | None, Callable[[], dict]]]] = {
 }
 
 
-def preset_plan(preset: str, precision: str, method: str | None = None) -> dict:
-    """The ``{graph: config}`` plan of a preset for a precision (and INT8 method)."""
+def preset_plan(preset: str, precision: str, method: str | None = None,
+                fuse_attention: bool | None = None) -> dict:
+    """The ``{graph: config}`` plan of a preset for a precision (and INT8 method).
+
+    ``fuse_attention`` (None: the preset's choice) turns the decoder's attention fusion on or off;
+    on is refused for a decoder method that cannot fuse (FP16, static QDQ, QDQ weight-only)."""
     if preset not in PRESETS:
         raise QuantizeError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
     if precision not in PRECISIONS:
@@ -109,4 +115,14 @@ def preset_plan(preset: str, precision: str, method: str | None = None) -> dict:
     if method not in methods:
         offered = [m for m in methods if m] or ["none: this precision has no method choice"]
         raise QuantizeError(f"preset {preset} has no {method} method for {precision} (offers: {', '.join(offered)})")
-    return methods[method]()
+    plan = methods[method]()
+    if fuse_attention is None:
+        return plan
+    decoder = plan["decoder"]
+    if not hasattr(decoder, "fuse_attention") or (fuse_attention and getattr(decoder, "format", "") == "qdq"):
+        if fuse_attention:
+            raise QuantizeError(f"fuse_attention: preset {preset} {precision} quantizes the decoder with "
+                                f"{type(decoder).__name__}{' (QDQ)' if hasattr(decoder, 'format') else ''}, which "
+                                "cannot fuse attention (dynamic INT8 and MatMulNBits weight-only decoders can)")
+        return plan
+    return {**plan, "decoder": dataclasses.replace(decoder, fuse_attention=fuse_attention)}

@@ -102,6 +102,8 @@ def test_run_skip_and_rerun_after_change(tmp_path, capsys):
     (lambda r: r.replace('"@second"', '"@secnd"'), "'@secnd' does not name an earlier stage"),
     (lambda r: r.replace('"@second"', "/no/such/model.safetensors"), "path not found: /no/such/model.safetensors"),
     (lambda r: r.replace('"@second"', '"@second@fp16"'), "a reference may end in a dtype only in a validate stage"),
+    (lambda r: r + '  q:\n    type: quantize\n    bundle: "@bundle"\n    fuse_attention: "yes"\n',
+     "stages.q: fuse_attention must be true, false or absent"),
 ])
 def test_bad_recipes_stop_before_any_work(tmp_path, capsys, edit, message):
     recipe = _write(tmp_path)

@@ -95,6 +95,27 @@ def test_cpu_preset_fuses_only_the_decoder(tiny_bundle, tmp_path):
     assert len(EdgeCoCa.load(out).caption(list(np.zeros((2, 32, 32, 3), np.uint8)), max_new_tokens=3)) == 2
 
 
+def test_fuse_attention_flag_overrides_the_preset(tiny_bundle, tmp_path, capsys):
+    from coca_edge.cli import main
+
+    assert not preset_plan("cpu", "int8", fuse_attention=False)["decoder"].fuse_attention
+    assert preset_plan("arm64", "int8", "dynamic", fuse_attention=True)["decoder"].fuse_attention
+    assert preset_plan("cpu", "int8", "static", fuse_attention=False) == preset_plan("cpu", "int8", "static")
+    out = tmp_path / "plain"
+    assert main(["quantize", str(tiny_bundle[0]), "--precision", "int8", "--no-fuse-attention", "--out", str(out),
+                 "--json"]) == 0
+    q = json.loads((out / "manifest.json").read_text())["graphs"]["decoder"]["quantization"]
+    assert "fused_attention" not in q and count_ops(out / "decoder.onnx").get("MultiHeadAttention", 0) == 0
+    capsys.readouterr()
+    for method in ("static", None):
+        args = ["--method", method] if method else []
+        precision = "int8" if method else "fp16"
+        assert main(["quantize", str(tiny_bundle[0]), "--precision", precision, *args, "--fuse-attention",
+                     "--out", str(tmp_path / f"refused-{precision}")]) == 2
+        assert "cannot fuse attention" in capsys.readouterr().err
+        assert not (tmp_path / f"refused-{precision}").exists()
+
+
 def test_fusion_refuses_what_it_cannot_fuse(tiny_bundle, tmp_path):
     with pytest.raises(QuantizeError, match="fuse_attention must be true or false"):
         Int8DynamicConfig(fuse_attention="yes")
