@@ -135,12 +135,15 @@ class ValidateParams:
     latency: bool = True
     labels: Sequence[str] = ()
     different_architecture: bool = False
+    device: str = "cpu"  # torch device for checkpoints ("@stage", "@stage@fp16"); bundles run on ORT
     _paths = ("reference", "candidates")
     _main = "report"
 
     def __post_init__(self) -> None:
         if isinstance(self.candidates, str) or not self.candidates:
             raise PipelineError("candidates must be a non-empty list")
+        if not isinstance(self.device, str) or not self.device:
+            raise PipelineError(f"device must be a torch device name (cpu, cuda, cuda:N), got {self.device!r}")
         object.__setattr__(self, "candidates", tuple(self.candidates))
         object.__setattr__(self, "labels", tuple(self.labels))
         if self.labels and len(self.labels) != len(self.candidates):
@@ -210,7 +213,7 @@ def _run_validate(p: ValidateParams, out: Path, work: Path) -> dict[str, str]:
 
     report = validate(p.reference, list(p.candidates), data=p.data, samples=p.samples, gates=p.gates,
                       localize=p.localize, labels=list(p.labels) or None, latency=p.latency, out=out,
-                      different_architecture=p.different_architecture)
+                      different_architecture=p.different_architecture, device=p.device)
     (out / "table.txt").write_text(format_table(summary_rows(report)) + "\n")
     if not report.passed:
         failed = [f"{r.name}: {g.name} measured {'not evaluated' if g.measured is None else f'{g.measured:.4g}'}, "

@@ -18,8 +18,14 @@ _EXAMPLE = """example:
 models: a bundle directory (ONNX Runtime) or a checkpoint (.safetensors, .pt/.bin, an open_clip
 snapshot directory, a coca-edge checkpoint; PyTorch). CKPT@fp16 runs a checkpoint in real FP16
 arithmetic with LayerNorm and the vocabulary head in FP32 (what an FP16 bundle computes);
-CKPT@fp16-pure and CKPT@bf16 run every op in that dtype. Gates: a YAML file or a shipped name (cpu-int8, gpu-fp16); metric names are listed in
-docs/validation.md. Exit 0: all gates pass; 1: a gate failed; 2: usage or input error."""
+CKPT@fp16-pure and CKPT@bf16 run every op in that dtype. Gates: a YAML file or a shipped name
+(cpu-int8, gpu-fp16); metric names are listed in docs/validation.md.
+
+on a GPU, the FP16 a GPU computes (reference and candidates run on CUDA, FP32 without TF32):
+  coca-edge validate --device cuda --reference CKPT --candidate CKPT@fp16 --candidate CKPT@bf16 \\
+      --gates gpu-fp16 --no-latency
+
+Exit 0: all gates pass; 1: a gate failed; 2: usage or input error."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,6 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--different-architecture", action="store_true",
                    help="allow candidates of another architecture (a student vs its teacher): tasks and "
                         "captions are compared, tensors are not")
+    p.add_argument("--device", default="cpu",
+                   help="torch device for checkpoint models (cpu, cuda, cuda:N; default cpu): cuda measures a GPU's "
+                        "own FP16 / BF16 arithmetic for CKPT@fp16 / @bf16. Bundles run on --providers")
     p.add_argument("--providers", help="comma-separated ONNX Runtime providers")
     p.add_argument("--threads", type=int, help="intra-op threads per ONNX Runtime session")
     p.add_argument("--json", action="store_true", help="print report.json to stdout instead of the table")
@@ -84,7 +93,8 @@ def _run(args: argparse.Namespace) -> int:
                           localize=args.localize, out=args.out, latency=not args.no_latency,
                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                           tensor_samples=args.tensor_samples, providers=providers, threads=args.threads,
-                          different_architecture=args.different_architecture, labels=args.label)
+                          different_architecture=args.different_architecture, labels=args.label,
+                          device=args.device)
     except _input_errors() as err:
         print(f"coca-edge validate: error: {err}", file=sys.stderr)
         return 2

@@ -6,17 +6,18 @@ This module imports torch (for checkpoints), which is why it lives outside the r
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from ..runtime import Bundle, EdgeCoCa
 from ..runtime.bundle import MANIFEST
 
-__all__ = ["ModelUnderTest", "TorchRunner", "open_model", "check_compatible", "ModelSpecError",
+__all__ = ["ModelUnderTest", "TorchRunner", "open_model", "check_compatible", "torch_device", "describe_device", "ModelSpecError",
            "IncompatibleModelsError", "DTYPE_SUFFIXES"]
 
 # fp16: FP16 arithmetic with what an FP16 bundle keeps in FP32 (LayerNorm, the vocabulary head);
@@ -65,11 +66,63 @@ class TorchRunner:
         for n in self.input_names:
             t = torch.from_numpy(np.ascontiguousarray(feed[n])).to(self.device)
             args.append(t.to(self.dtype) if t.is_floating_point() else t)
-        with torch.inference_mode():
+        with torch.inference_mode(), _fp32_means_fp32(self.device):
             result = self.module(*args)
         result = result if isinstance(result, (tuple, list)) else (result,)
         values = {n: r.float().cpu().numpy() for n, r in zip(self.output_names, result)}
         return {n: values[n] for n in (outputs or self.output_names)}
+
+
+@contextlib.contextmanager
+def _fp32_means_fp32(device: Any) -> Iterator[None]:
+    """On CUDA, FP32 ops run in full FP32 (no TF32), then the process's settings come back.
+
+    cuDNN convolutions default to TF32 on Ampere and later (10 mantissa bits), which would make a
+    CUDA "FP32" reference drift from the CPU's and blur the FP32 parts of ``@fp16`` (LayerNorm,
+    the vocabulary head). FP16 / BF16 ops are untouched: they run as the GPU runs them.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    import torch
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def torch_device(device: str) -> Any:
+    """``device`` as a ``torch.device`` that exists here, or a ``ModelSpecError`` saying why not."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ModelSpecError(f"device {device!r}: not a torch device ({str(err).splitlines()[0]}); "
+                             "expected cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelSpecError(f"device {device!r}: torch {torch.__version__} sees no CUDA device (this build's "
+                                 f"CUDA: {torch.version.cuda or 'none, a CPU-only build'}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelSpecError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type != "cpu":
+        raise ModelSpecError(f"device {device!r}: checkpoints run on cpu or cuda, not {dev.type}")
+    return dev
+
+
+def describe_device(device: str) -> str:
+    """What a report says about the torch device checkpoints ran on."""
+    import torch
+
+    dev = torch_device(device)
+    if dev.type != "cuda":
+        return f"{dev} (torch {torch.__version__})"
+    return (f"{dev} ({torch.cuda.get_device_name(dev)}, torch {torch.__version__}, CUDA {torch.version.cuda}; "
+            "FP32 ops without TF32)")
 
 
 @dataclass
@@ -84,6 +137,7 @@ class ModelUnderTest:
     params: int | None = None
     graph_files: dict[str, Path] = field(default_factory=dict)  # ONNX files (bundles only)
     manifest: dict[str, Any] = field(default_factory=dict)
+    device: str | None = None  # where a checkpoint runs (torch device); None for bundles
 
     @property
     def name(self) -> str:
@@ -106,8 +160,11 @@ class ModelUnderTest:
         return self.edge.bundle.fused_cross_kv
 
     def info(self) -> dict[str, Any]:
-        return {"spec": self.spec, "kind": self.kind, "precision": self.precision, "bytes": self.bytes,
+        info = {"spec": self.spec, "kind": self.kind, "precision": self.precision, "bytes": self.bytes,
                 "params": self.params, "model": self.model_config.get("name")}
+        if self.device is not None:
+            info["device"] = self.device
+        return info
 
 
 def _split_spec(spec: str) -> tuple[str, str | None]:
@@ -127,7 +184,10 @@ def open_model(spec: str | os.PathLike, providers: Sequence[str] | None = None, 
                device: str = "cpu") -> ModelUnderTest:
     """A bundle directory (ONNX Runtime) or a checkpoint (PyTorch; ``PATH@fp16`` / ``@fp16-pure`` /
     ``@bf16`` runs it in that dtype - real reduced-precision math, unlike ONNX Runtime's CPU FP16
-    emulation; ``@fp16`` keeps LayerNorm and the vocabulary head in FP32 as FP16 bundles do)."""
+    emulation; ``@fp16`` keeps LayerNorm and the vocabulary head in FP32 as FP16 bundles do).
+
+    ``device`` (``cpu``, ``cuda``, ``cuda:N``) is where a checkpoint runs; a bundle runs on
+    ``providers``. On CUDA, FP32 means FP32: TF32 is off while a checkpoint's graphs run."""
     if isinstance(spec, ModelUnderTest):
         return spec
     path_str, dtype = _split_spec(str(spec))
@@ -139,7 +199,7 @@ def open_model(spec: str | os.PathLike, providers: Sequence[str] | None = None, 
             raise ModelSpecError(f"{spec}: a dtype suffix applies to PyTorch checkpoints only; a bundle runs in "
                                  "the precision it was exported/quantized to")
         return _open_bundle(str(spec), path, providers, threads)
-    return _open_checkpoint(str(spec), path, dtype or "fp32", device)
+    return _open_checkpoint(str(spec), path, dtype or "fp32", str(torch_device(device)))
 
 
 def _open_bundle(spec: str, path: Path, providers: Sequence[str] | None, threads: int | None) -> ModelUnderTest:
@@ -178,7 +238,7 @@ def _open_checkpoint(spec: str, path: Path, dtype: str, device: str) -> ModelUnd
     pseudo = Bundle(path, {"graphs": {name: {"precision": dtype} for name in specs}, "fused_cross_kv": False}, config)
     edge = EdgeCoCa(pseudo, runners, Tokenizer(context_length=model.config.context_length))
     params = sum(p.numel() for p in model.parameters())
-    return ModelUnderTest(spec, "torch", edge, dtype, _dir_bytes(path), params)
+    return ModelUnderTest(spec, "torch", edge, dtype, _dir_bytes(path), params, device=device)
 
 
 def _arch(config: dict) -> dict:

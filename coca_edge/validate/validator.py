@@ -27,7 +27,7 @@ from .data import EvalData, load_eval_data
 from .gates import Gates, GateResult, load_gates
 from .localize import NodeDrift, localize as localize_graph
 from .metrics import TensorStats, caption_agreement, per_sample_cosine, topk_accuracy
-from .models import ModelUnderTest, check_compatible, open_model, same_architecture
+from .models import ModelUnderTest, check_compatible, describe_device, open_model, same_architecture
 
 __all__ = ["Validator", "CandidateResult", "ValidationReport", "validate", "score_tasks", "ModelOutputs"]
 
@@ -123,15 +123,17 @@ class Validator:
     def __init__(self, reference: str | os.PathLike | ModelUnderTest, data: str | EvalData = "synthetic-scenes:val",
                  samples: int = 500, batch_size: int = 32, max_new_tokens: int = 20, tensor_samples: int = 16,
                  progress: bool = True, providers: Sequence[str] | None = None, threads: int | None = None,
-                 seed: int = 0, different_architecture: bool = False, corpus_metrics: bool = True):
+                 seed: int = 0, different_architecture: bool = False, corpus_metrics: bool = True,
+                 device: str = "cpu"):
         if batch_size < 1 or max_new_tokens < 1 or tensor_samples < 1:
             raise ValueError(f"batch_size, max_new_tokens and tensor_samples must be >= 1, got {batch_size}, "
                              f"{max_new_tokens}, {tensor_samples}")
-        self.providers, self.threads = providers, threads
+        # Checkpoints run on the torch ``device``; bundles on ONNX Runtime ``providers``.
+        self.providers, self.threads, self.device = providers, threads, device
         # A student against its teacher: the same tasks and captions compared, no tensors
         # (different widths, and embedding spaces that need not be aligned).
         self.different_architecture = different_architecture
-        self.reference = open_model(reference, providers=providers, threads=threads)
+        self.reference = open_model(reference, providers=providers, threads=threads, device=device)
         self.data = data if isinstance(data, EvalData) else load_eval_data(
             str(data), samples, self.reference.edge.preprocess_config, seed)
         self.batch_size, self.max_new_tokens, self.progress = batch_size, max_new_tokens, progress
@@ -316,7 +318,7 @@ class Validator:
                                tasks=self._ref_scores["tasks"], notes=list(self.data.notes))
 
     def evaluate(self, candidate: str | os.PathLike | ModelUnderTest, latency: bool = True) -> CandidateResult:
-        model = open_model(candidate, providers=self.providers, threads=self.threads)
+        model = open_model(candidate, providers=self.providers, threads=self.threads, device=self.device)
         check_compatible(self.reference, model, self.different_architecture)
         comparable = same_architecture(self.reference, model)
         out = self._run(model)
@@ -372,7 +374,7 @@ class Validator:
         Needs the FP32 ONNX graphs: the reference bundle's, or the bundle named by the
         candidate manifest's ``source_bundle``.
         """
-        model = open_model(candidate, providers=self.providers, threads=self.threads)
+        model = open_model(candidate, providers=self.providers, threads=self.threads, device=self.device)
         if model.kind != "onnx":
             return [], [f"{model.spec}: localisation needs an ONNX candidate"]
         ref_files = dict(self.reference.graph_files)
@@ -532,8 +534,12 @@ def validate(reference: str | os.PathLike | ModelUnderTest, candidates: Sequence
              localize: int = 0, out: str | os.PathLike | None = None, latency: bool = True,
              batch_size: int = 32, max_new_tokens: int = 20, tensor_samples: int = 16, progress: bool = True,
              providers: Sequence[str] | None = None, threads: int | None = None,
-             labels: Sequence[str] | None = None, different_architecture: bool = False) -> ValidationReport:
+             labels: Sequence[str] | None = None, different_architecture: bool = False,
+             device: str = "cpu") -> ValidationReport:
     """Validate candidates against a reference; with ``out``, write report.json/md/html there.
+
+    Checkpoints (and their ``@fp16`` / ``@bf16`` variants) run on the torch ``device`` (``cuda``
+    measures a GPU's own FP16 / BF16 arithmetic); bundles run on ONNX Runtime ``providers``.
 
     ``labels`` names the candidates in reports (default: their specs). ``different_architecture``
     allows candidates of another architecture (a student against its teacher): they are compared
@@ -547,13 +553,13 @@ def validate(reference: str | os.PathLike | ModelUnderTest, candidates: Sequence
         gates = load_gates(gates)
     if out is not None:
         import matplotlib  # noqa: F401  (report.html's plots; fail now, not after the whole run)
-    ref = open_model(reference, providers=providers, threads=threads)
-    models = [open_model(c, providers=providers, threads=threads) for c in candidates]
+    ref = open_model(reference, providers=providers, threads=threads, device=device)
+    models = [open_model(c, providers=providers, threads=threads, device=device) for c in candidates]
     for m in models:  # fail on incompatible inputs before any long run
         check_compatible(ref, m, different_architecture)
     validator = Validator(ref, data, samples, batch_size=batch_size, max_new_tokens=max_new_tokens,
                           tensor_samples=tensor_samples, progress=progress, providers=providers, threads=threads,
-                          different_architecture=different_architecture)
+                          different_architecture=different_architecture, device=device)
     ref_row = validator.reference_result(latency=latency)
     results = []
     for i, m in enumerate(models):
@@ -568,8 +574,15 @@ def validate(reference: str | os.PathLike | ModelUnderTest, candidates: Sequence
     info = {"source": validator.data.source, "samples_per_task": samples, "images": int(len(validator.data.pixels)),
             "texts": len(validator.texts), "captioned": int(len(validator.caption_rows)),
             "tensor_samples": int(len(validator.tensor_rows)), "max_new_tokens": max_new_tokens}
-    report = ValidationReport(ref_row, results, gates, info, list(validator.data.notes), time.perf_counter() - start,
-                              validator)
+    notes = list(validator.data.notes)
+    if device != "cpu":
+        if any(m.kind == "torch" for m in (ref, *models)):
+            info["device"] = device
+            notes.append(f"checkpoints ran on {describe_device(device)}; bundles on ONNX Runtime")
+        else:
+            notes.append(f"device {device} unused: every model is a bundle and runs on ONNX Runtime (its "
+                         "providers: --providers)")
+    report = ValidationReport(ref_row, results, gates, info, notes, time.perf_counter() - start, validator)
     if out is not None:
         from .report import write_reports
 

@@ -104,6 +104,8 @@ def test_run_skip_and_rerun_after_change(tmp_path, capsys):
     (lambda r: r.replace('"@second"', '"@second@fp16"'), "a reference may end in a dtype only in a validate stage"),
     (lambda r: r + '  q:\n    type: quantize\n    bundle: "@bundle"\n    fuse_attention: "yes"\n',
      "stages.q: fuse_attention must be true, false or absent"),
+    (lambda r: r + '  v:\n    type: validate\n    reference: "@second"\n    candidates: ["@bundle"]\n    device: 0\n',
+     "stages.v: device must be a torch device name (cpu, cuda, cuda:N), got 0"),
 ])
 def test_bad_recipes_stop_before_any_work(tmp_path, capsys, edit, message):
     recipe = _write(tmp_path)

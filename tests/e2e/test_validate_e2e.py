@@ -141,19 +141,25 @@ def test_html_report_structure(noisy_run):
     assert (out / "report.md").read_text().startswith("# Validation report: FAILED")
 
 
-def test_torch_reference_vs_bundle_and_fp16(tiny_bundle, tmp_path):
-    """A PyTorch checkpoint as the reference: the FP32 bundle differs by ORT rounding only, the same
-    checkpoint run @fp16 by real FP16 rounding."""
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_bundle, tmp_path_factory):
+    """The tiny bundle's PyTorch model as a coca-edge checkpoint (model.safetensors + config.json)."""
     from safetensors.torch import save_file
 
-    from coca_edge.validate import validate
-
-    path, model = tiny_bundle
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
+    model = tiny_bundle[1]
+    ckpt = tmp_path_factory.mktemp("ckpt")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt / "model.safetensors"))
     (ckpt / "config.json").write_text(model.config.to_json())
-    report = validate(ckpt / "model.safetensors", [path, f"{ckpt / 'model.safetensors'}@fp16"], samples=8,
+    return ckpt / "model.safetensors"
+
+
+def test_torch_reference_vs_bundle_and_fp16(tiny_bundle, tiny_checkpoint):
+    """A PyTorch checkpoint as the reference: the FP32 bundle differs by ORT rounding only, the same
+    checkpoint run @fp16 by real FP16 rounding."""
+    from coca_edge.validate import validate
+
+    path = tiny_bundle[0]
+    report = validate(tiny_checkpoint, [path, f"{tiny_checkpoint}@fp16"], samples=8,
                       max_new_tokens=6, tensor_samples=8, latency=False, progress=False, labels=["onnx", "fp16"])
     assert [r.name for r in report.results] == ["onnx", "fp16"]
     onnx_m, fp16_m = report.results[0].metrics, report.results[1].metrics
@@ -165,6 +171,80 @@ def test_torch_reference_vs_bundle_and_fp16(tiny_bundle, tmp_path):
     assert 0 < fp16_m["image_encoder.image_embed.max_abs"]  # real FP16 math, not a cast-back emulation
     assert fp16_m["embed_cosine_min"] > 0.99  # FP16 keeps 11 significant bits
     assert report.results[1].info["precision"] == "fp16"
+
+
+@pytest.mark.parametrize("device, expect", [("gpu0", "not a torch device"), ("meta", "run on cpu or cuda, not meta"),
+                                            ("cuda", "sees no CUDA device")])
+def test_bad_device_for_a_checkpoint_exits_2(device, expect, tiny_checkpoint, capsys):
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    code = main(["validate", "--reference", str(tiny_checkpoint), "--candidate", f"{tiny_checkpoint}@fp16",
+                 "--device", device, *FAST])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"error: device {device!r}" in err and expect in err and "Traceback" not in err
+
+
+def test_device_is_recorded_and_unused_for_bundles(tiny_bundle, tiny_checkpoint):
+    """A checkpoint's device is in its info; --device with bundles alone is noted as unused (and needs
+    no CUDA: bundles run on ONNX Runtime)."""
+    from coca_edge.validate import validate
+
+    report = validate(tiny_checkpoint, [f"{tiny_checkpoint}@fp16"], samples=4, max_new_tokens=4, tensor_samples=4,
+                      latency=False, progress=False)
+    assert report.reference.info["device"] == "cpu" and report.results[0].info["device"] == "cpu"
+    assert "device" not in report.data
+    bundles = validate(tiny_bundle[0], [tiny_bundle[0]], samples=4, max_new_tokens=4, tensor_samples=4,
+                       latency=False, progress=False, device="cuda:3")
+    assert "device" not in bundles.results[0].info
+    assert any("device cuda:3 unused" in n for n in bundles.notes)
+
+
+def test_fp32_on_cuda_turns_tf32_off_and_restores_it():
+    """cuDNN convolutions default to TF32; a CUDA "FP32" reference must not use it, and the process's
+    own settings come back afterwards (the flags are plain settings, so this runs without a GPU)."""
+    import types
+
+    import torch
+
+    from coca_edge.validate.models import _fp32_means_fp32
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        with _fp32_means_fp32(types.SimpleNamespace(type="cuda")):
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        with _fp32_means_fp32(types.SimpleNamespace(type="cpu")):
+            assert torch.backends.cudnn.allow_tf32  # CPU runs leave the settings alone
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_cuda_fp32_matches_cpu_and_fp16_runs_on_the_gpu(tiny_checkpoint):
+    """On a machine with CUDA (never CI's): the checkpoint on the GPU in FP32 gives the CPU's
+    numbers up to summation order, and @fp16 / @bf16 run there as real reduced-precision math."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from coca_edge.validate import Validator, open_model
+
+    validator = Validator(open_model(tiny_checkpoint, device="cpu"), samples=8, max_new_tokens=6,
+                          tensor_samples=8, progress=False)
+    fp32 = validator.evaluate(open_model(tiny_checkpoint, device="cuda"), latency=False)
+    assert fp32.info["device"] == "cuda"
+    # FP32 on another device: summation order only (the export tolerances: embeddings 5e-5, logits 1e-4)
+    assert fp32.metrics["image_encoder.image_embed.max_abs"] < 5e-5
+    assert fp32.metrics["decoder.logits.max_abs"] < 1e-4
+    assert fp32.metrics["caption_exact_match"] == 1
+    for dtype in ("fp16", "bf16"):
+        half = validator.evaluate(open_model(f"{tiny_checkpoint}@{dtype}", device="cuda"), latency=False)
+        assert half.info["precision"] == dtype
+        assert 0 < half.metrics["image_encoder.image_embed.max_abs"]
+        assert half.metrics["embed_cosine_min"] > 0.99
 
 
 @pytest.mark.parametrize("case", ["architecture", "tokenizer", "empty-data", "corrupted", "gates-key", "missing"])
