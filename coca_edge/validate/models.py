@@ -17,8 +17,8 @@ import numpy as np
 from ..runtime import Bundle, EdgeCoCa
 from ..runtime.bundle import MANIFEST
 
-__all__ = ["ModelUnderTest", "TorchRunner", "open_model", "check_compatible", "torch_device", "describe_device", "ModelSpecError",
-           "IncompatibleModelsError", "DTYPE_SUFFIXES"]
+__all__ = ["ModelUnderTest", "TorchRunner", "open_model", "check_compatible", "torch_device", "describe_device",
+           "ModelSpecError", "IncompatibleModelsError", "DTYPE_SUFFIXES"]
 
 # fp16: FP16 arithmetic with what an FP16 bundle keeps in FP32 (LayerNorm, the vocabulary head);
 # fp16-pure: every op in FP16.
